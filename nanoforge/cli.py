@@ -1,0 +1,230 @@
+"""The one entry point, `nanoforge <stage> …`: each subcommand parses its flags and calls one stage.
+
+    nanoforge demo                                   # the whole path on the built-in config
+    nanoforge corpus --out docs/                     # the embedded corpus (pydoc of the stdlib)
+    nanoforge tokenizer train docs/ --vocab-size 4096 --out tok/
+    nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
+    nanoforge pretrain --data tokens/ --out model/ --preset cpu-tiny
+    nanoforge sample --model model/ --prompt "Help on module json"
+    nanoforge run my-run.toml                        # stages in order, skipping what is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from nanoforge import __version__
+from nanoforge.errors import NanoforgeError
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every training stage shares, with the same meaning everywhere (DESIGN.md §4)."""
+    g = p.add_argument_group("training (common to every stage that trains)")
+    g.add_argument("--out", type=Path, required=True, help="output directory (the model artifact)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps to run (default: from the preset)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: derived from width)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch on each rank")
+    g.add_argument("--seed", type=int, help="seed for initialisation and data order (default 0)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--config", type=Path, help="TOML file with settings (a [pretrain] table or top-level keys)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any setting, repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoforge",
+        description="Train a large language model step by step: corpus → tokenizer → token shards → "
+                    "pretraining → sampling. Every stage reads and writes artifacts in standard formats.",
+        epilog="Run `nanoforge demo` to see the whole path on a laptop CPU.")
+    parser.add_argument("--version", action="version", version=f"nanoforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run the built-in pipeline end to end on the embedded corpus",
+                       description="Build the embedded corpus, train a tokenizer, tokenize, pretrain the "
+                                   "cpu-tiny GPT and print samples. A rerun skips finished stages.")
+    p.add_argument("--preset", help="model/training preset (see `nanoforge presets`)")
+    p.add_argument("--root", default=None, help="directory holding runs (default runs/)")
+    p.add_argument("--name", default=None, help="run name (default demo)")
+    p.add_argument("--max-steps", type=int, help="pretraining steps")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+
+    p = sub.add_parser("run", help="run the stages of a TOML run config in order, skipping finished ones")
+    p.add_argument("config", type=Path, help="run config (see nanoforge/configs/demo.toml)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+
+    p = sub.add_parser("corpus", help="write the embedded corpus (pydoc of the Python stdlib) as documents")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--modules", help="comma-separated module names (default: the whole stdlib)")
+    p.add_argument("--max-modules", type=int)
+    p.add_argument("--workers", type=int, default=2)
+
+    p = sub.add_parser("tokenizer", help="tokenizer commands")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a tokenizer (byte-level BPE by default) on documents",
+                        description="Train a tokenizer with HF tokenizers. DOCS is a directory or file of "
+                                    "Parquet shards, JSONL (text field) or .txt files.")
+    t.add_argument("docs", type=Path)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--kind", default="bpe", choices=["bpe", "unigram", "word", "char"],
+                   help="bpe: byte-level BPE (default); unigram; word: whole words; char: characters")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("tokenize", help="encode documents into flat token shards with a train/val split")
+    p.add_argument("docs", type=Path)
+    p.add_argument("--tokenizer", type=Path, required=True, help="directory with tokenizer.json")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--workers", type=int, help="encoding processes (default: all cores)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("pretrain", help="pretrain a GPT on token shards",
+                       description="Pretrain a GPT (GPT-2 or Llama flavour) on token shards. Model shape and "
+                                   "optimisation come from --preset and the --depth dial; every setting can "
+                                   "be overridden with --config/--set.")
+    p.add_argument("--data", type=Path, required=True, help="token-shard directory (from `tokenize`)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the one the shards used)")
+    p.add_argument("--preset", help="cpu-tiny (default), cpu-small, gpt2-124m, llama-1b")
+    p.add_argument("--depth", type=int, help="the scaling dial: transformer blocks (rescales width, lr)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    _add_training_flags(p)
+
+    p = sub.add_parser("sample", help="continue a prompt with a trained model (KV-cache generation)")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+    sub.add_parser("presets", help="list the model/training presets and their sizes")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """Flags the user actually gave (argparse leaves the others None)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from nanoforge.config import PretrainConfig, build, load_toml, parse_sets
+    from nanoforge.train.loop import pretrain
+
+    values: dict[str, Any] = {}
+    if args.config:
+        raw = load_toml(args.config)
+        values.update(raw.get("pretrain", {k: v for k, v in raw.items() if not isinstance(v, dict)}))
+    values.update(parse_sets(args.set))
+    values.update(_overrides(args, ["preset", "depth", "dtype", "compile", "device", "threads",
+                                    "max_steps", "lr", "batch_size", "seed"]))
+    cfg = build(PretrainConfig, values, "pretrain")
+    pretrain(cfg, args.data, args.out, resume=args.resume, tokenizer=args.tokenizer)
+    print(f"model written to {args.out}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from nanoforge.config import build, parse_sets
+    from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    values = {**parse_sets(args.set), "kind": args.kind, "vocab_size": args.vocab_size, "seed": args.seed}
+    m = train_tokenizer(build(TokenizerConfig, values, "tokenizer"), args.docs, args.out)
+    f = m["figures"]
+    print(f"tokenizer ({f.get('kind')}, vocab {f.get('vocab_size')}) written to {args.out}; "
+          f"held-out bytes/token {f.get('bytes_per_token', float('nan')):.3f}")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from nanoforge.config import build, parse_sets
+    from nanoforge.tokens import TokenizeConfig, tokenize
+
+    values = {**parse_sets(args.set), **_overrides(args, ["val_fraction", "workers", "seed"])}
+    m = tokenize(build(TokenizeConfig, values, "tokenize"), args.docs, args.tokenizer, args.out)
+    f = m["figures"]
+    print(f"{f.get('documents')} documents → {f.get('tokens')} tokens in {args.out}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from nanoforge.infer.sample import SampleConfig, sample
+
+    cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+    for i, text in enumerate(sample(cfg, args.model, device=args.device)):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
+
+    cfg = CorpusConfig(modules=[m for m in (args.modules or "").split(",") if m],
+                       max_modules=args.max_modules, workers=args.workers)
+    f = build_corpus(cfg, args.out)["figures"]
+    print(f"{f['documents']} documents ({f['bytes'] / 1e6:.1f} MB) written to {args.out}")
+
+
+def cmd_run(args: argparse.Namespace, *, demo: bool = False) -> None:
+    from nanoforge.config import parse_sets
+    from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
+
+    sets = parse_sets(args.set)
+    if demo:
+        for flag, key in (("preset", "pretrain.preset"), ("root", "run.root"), ("name", "run.name"),
+                          ("max_steps", "pretrain.max_steps")):
+            if getattr(args, flag) is not None:
+                sets[key] = str(getattr(args, flag))
+    p = load_pipeline_config(None if demo else args.config, sets)
+    outputs = run_pipeline(p)
+    print(run_summary(p, outputs))
+
+
+def cmd_presets(_: argparse.Namespace) -> None:
+    from nanoforge.config import PRESETS, PretrainConfig, model_config, resolve_pretrain
+    from nanoforge.model import GPT
+
+    import torch
+
+    print(f"{'preset':<10} {'flavour':<7} {'depth':>5} {'width':>5} {'heads':>7} {'seq':>5} "
+          f"{'params (vocab)':>20} {'batch tokens':>12} {'lr':>8}")
+    for name in PRESETS:
+        cfg = resolve_pretrain(PretrainConfig(preset=name))
+        vocab = {"cpu-tiny": 4096, "cpu-small": 8192, "gpt2-124m": 50257, "llama-1b": 128256}[name]
+        mcfg = model_config(cfg, vocab)
+        with torch.device("meta"):
+            n = GPT(mcfg).num_params()
+        print(f"{name:<10} {mcfg.flavour:<7} {mcfg.n_layer:>5} {mcfg.n_embd:>5} "
+              f"{mcfg.n_head:>3}/{mcfg.n_kv_head:<3} {mcfg.seq_len:>5} {n / 1e6:>10.1f}M ({vocab:>6}) "
+              f"{cfg.batch_tokens:>12} {cfg.lr:>8.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "pretrain": cmd_pretrain, "tokenize": cmd_tokenize, "sample": cmd_sample, "corpus": cmd_corpus,
+        "run": cmd_run, "demo": lambda a: cmd_run(a, demo=True), "presets": cmd_presets,
+        "tokenizer": cmd_tokenizer_train,
+    }
+    try:
+        handlers[args.command](args)
+    except NanoforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""Configuration: one small typed dataclass per stage, TOML files, command-line overrides, and presets.
+
+Presets are points on one scaling dial, `depth` (the number of transformer blocks), as in nanochat:
+width = depth × aspect, heads = width / head_dim, and the learning rate follows width (lr ∝ 1/width,
+anchored at GPT-2 small's 6e-4 at width 768). Changing `--depth` on any preset rescales the rest:
+
+    nanoforge presets                                  # the table
+    nanoforge pretrain --data TOKENS --out OUT --preset cpu-tiny --depth 6
+
+Precedence, lowest first: preset → TOML file → command-line flags (`--lr`, … or `--set key=value`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from nanoforge.errors import NanoforgeError
+from nanoforge.model import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class PretrainConfig:
+    """Model shape (from the depth dial) and the optimisation of `nanoforge pretrain`.
+
+    `None` means "derived": from the preset, the depth dial, or the tokenizer (vocab size).
+    """
+
+    preset: str = "cpu-tiny"
+    # --- the model, derived from depth ---
+    depth: int | None = None
+    flavour: str | None = None
+    aspect: int | None = None  # width per layer: n_embd = depth * aspect
+    head_dim: int | None = None
+    kv_groups: int | None = None  # query heads per key/value head (GQA); 1 = plain multi-head
+    mlp_hidden: int | None = None
+    qk_norm: bool | None = None
+    rope_theta: float | None = None
+    seq_len: int | None = None
+    # --- optimisation ---
+    batch_size: int | None = None  # sequences per micro-batch (per rank)
+    batch_tokens: int | None = None  # global batch in tokens; accumulation = batch_tokens / (B·T·ranks)
+    max_steps: int | None = None
+    lr: float | None = None  # peak learning rate
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto measures on CPU, bf16 on capable GPUs
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    # --- bookkeeping ---
+    eval_every: int | None = None
+    eval_batches: int = 8
+    sample_every: int | None = None
+    sample_tokens: int = 64
+    sample_prompts: list[str] = field(default_factory=lambda: ["Help on module", "def "])
+    ckpt_every: int | None = None
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    seed: int = 0
+
+
+# The named points on the dial. Only the keys that differ from the derivation are given.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": dict(  # ≈1.5 M parameters with a 4k vocabulary: learns in minutes on 2 CPU cores
+        depth=4, aspect=32, head_dim=32, flavour="llama", kv_groups=1, seq_len=256,
+        batch_size=16, batch_tokens=8192, max_steps=600, warmup_steps=50,
+        eval_every=100, sample_every=300, ckpt_every=100, dtype="auto",
+    ),
+    "cpu-small": dict(  # ≈14 M parameters with an 8k vocabulary: an hour-scale CPU run
+        depth=6, aspect=64, head_dim=64, flavour="llama", kv_groups=1, seq_len=512,
+        batch_size=8, batch_tokens=16384, max_steps=3000, warmup_steps=100,
+        eval_every=250, sample_every=1000, ckpt_every=250,
+    ),
+    "gpt2-124m": dict(  # GPT-2 small (124 M): the nanoGPT reference run, on GPUs
+        depth=12, aspect=64, head_dim=64, flavour="gpt2", kv_groups=1, seq_len=1024,
+        batch_size=16, batch_tokens=524288, max_steps=19073, warmup_steps=715, lr=6e-4,
+        eval_every=250, sample_every=1000, ckpt_every=1000, compile=True,
+    ),
+    "llama-1b": dict(  # Llama-3.2-1B shape (16 × 2048, GQA 32/8, SwiGLU 8192): multi-GPU
+        depth=16, aspect=128, head_dim=64, flavour="llama", kv_groups=4, mlp_hidden=8192,
+        rope_theta=500000.0, seq_len=2048, batch_size=8, batch_tokens=1048576, max_steps=20000,
+        warmup_steps=2000, lr=3e-4, eval_every=500, sample_every=2000, ckpt_every=1000, compile=True,
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill every derived field from the preset and the depth dial; a clear error for unknown presets."""
+    if cfg.preset not in PRESETS:
+        raise NanoforgeError(f"unknown preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
+    base = PRESETS[cfg.preset]
+    out = dataclasses.replace(cfg)
+    for f in fields(out):
+        if getattr(out, f.name) is None and f.name in base:
+            setattr(out, f.name, base[f.name])
+    if out.qk_norm is None:
+        out.qk_norm = False
+    if out.rope_theta is None:
+        out.rope_theta = 10000.0
+    width = out.depth * out.aspect
+    if out.lr is None or (cfg.depth is not None and cfg.lr is None):
+        out.lr = round(6e-4 * 768 / width, 6)  # lr ∝ 1/width, GPT-2 small's 6e-4 at width 768
+    for name in ("eval_every", "sample_every", "ckpt_every"):
+        if getattr(out, name) is None:
+            setattr(out, name, max(1, out.max_steps // 5))
+    if out.warmup_steps is None:
+        out.warmup_steps = max(1, out.max_steps // 20)
+    if out.batch_tokens is None:
+        out.batch_tokens = out.batch_size * out.seq_len
+    for name in ("depth", "aspect", "head_dim", "seq_len", "batch_size", "batch_tokens", "max_steps"):
+        if getattr(out, name) <= 0:
+            raise NanoforgeError(f"pretrain: {name} must be positive, got {getattr(out, name)}")
+    if width % out.head_dim:
+        raise NanoforgeError(f"pretrain: width {width} (depth×aspect) is not a multiple of head_dim "
+                             f"{out.head_dim}")
+    if out.schedule not in ("cosine", "wsd"):
+        raise NanoforgeError(f"pretrain: schedule must be 'cosine' or 'wsd', got {out.schedule!r}")
+    if out.dtype not in ("auto", "fp32", "bf16"):
+        raise NanoforgeError(f"pretrain: dtype must be auto, fp32 or bf16, got {out.dtype!r}")
+    return out
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    """The ModelConfig a resolved PretrainConfig describes; vocab padded to a multiple of 64 for speed."""
+    width = cfg.depth * cfg.aspect
+    n_head = width // cfg.head_dim
+    if n_head % cfg.kv_groups:
+        raise NanoforgeError(f"pretrain: {n_head} heads are not divisible by kv_groups={cfg.kv_groups}")
+    return ModelConfig(
+        flavour=cfg.flavour, vocab_size=int(math.ceil(vocab_size / 64) * 64), seq_len=cfg.seq_len,
+        n_layer=cfg.depth, n_embd=width, n_head=n_head, n_kv_head=n_head // cfg.kv_groups,
+        mlp_hidden=cfg.mlp_hidden, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# TOML and overrides
+
+
+def load_toml(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NanoforgeError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise NanoforgeError(f"{path}: not valid TOML ({e})") from None
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a TOML or command-line value to the annotated type of `cls.name`."""
+    hint = get_type_hints(cls)[name]
+    text = str(hint)
+    if isinstance(value, str):
+        if value.lower() in ("none", "null") and "None" in text:
+            return None
+        if "bool" in text:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise NanoforgeError(f"{name}: expected true/false, got {value!r}")
+        if "list" in text:
+            return [v for v in value.split(",") if v]
+        try:
+            if "int" in text and "float" not in text:
+                return int(value)
+            if "float" in text:
+                return float(value)
+        except ValueError:
+            raise NanoforgeError(f"{name}: expected a number, got {value!r}") from None
+    elif "float" in text and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from `values`, refusing unknown keys with a clear message."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise NanoforgeError(f"{where}: unknown setting(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    """`--set key=value` pairs → dict (values stay strings and are coerced by `build`)."""
+    out: dict[str, str] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise NanoforgeError(f"--set {p!r}: expected KEY=VALUE")
+        k, v = p.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out

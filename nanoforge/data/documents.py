@@ -1,0 +1,143 @@
+"""The Document record and document-shard I/O.
+
+Documents live in Parquet shards with columns `id, text, url, source` (DESIGN.md §1). Every stage that
+reads documents accepts DOCS as a directory or a single file of Parquet shards, JSONL (a `text` field
+per line) or plain `.txt` (one document per file):
+
+    for doc in iter_documents("runs/demo/01-corpus"):
+        print(doc.id, len(doc.text))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanoforge.errors import NanoforgeError
+
+DOC_SUFFIXES = (".parquet", ".jsonl", ".txt")
+SCHEMA = pa.schema(
+    [("id", pa.string()), ("text", pa.string()), ("url", pa.string()), ("source", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    url: str = ""
+    source: str = ""
+
+
+def list_document_files(path: Path | str) -> list[Path]:
+    """The document files DOCS names, sorted; a clear error if there are none."""
+    path = Path(path)
+    if not path.exists():
+        raise NanoforgeError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix not in DOC_SUFFIXES:
+            raise NanoforgeError(f"{path}: not a document file (expected {', '.join(DOC_SUFFIXES)})")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise NanoforgeError(f"{path}: no document files (.parquet, .jsonl or .txt) found")
+    return files
+
+
+def _read_parquet(path: Path) -> Iterator[Document]:
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise NanoforgeError(f"{path}: not a readable Parquet file ({e})") from None
+    names = set(pf.schema_arrow.names)
+    if "text" not in names:
+        raise NanoforgeError(f"{path}: Parquet file has no 'text' column")
+    cols = [c for c in ("id", "text", "url", "source") if c in names]
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=1024):
+        d = batch.to_pydict()
+        for i, text in enumerate(d["text"]):
+            if text is not None:
+                doc_id = d["id"][i] if "id" in d else f"{path.stem}:{row}"
+                yield Document(str(doc_id), text, (d.get("url") or [""] * (i + 1))[i] or "",
+                               (d.get("source") or [""] * (i + 1))[i] or "")
+            row += 1
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise NanoforgeError(f"{path}:{lineno}: not valid UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise NanoforgeError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise NanoforgeError(f"{path}:{lineno}: record has no string 'text' field")
+            yield Document(str(rec.get("id", f"{path.stem}:{lineno}")), rec["text"],
+                           str(rec.get("url", "") or ""), str(rec.get("source", "") or ""))
+
+
+def _read_txt(path: Path) -> Iterator[Document]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoforgeError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    yield Document(path.stem, text, "", "txt")
+
+
+def iter_documents(path: Path | str) -> Iterator[Document]:
+    """Every document under DOCS, in a deterministic order (files sorted, records in file order)."""
+    for f in list_document_files(path):
+        reader = {".parquet": _read_parquet, ".jsonl": _read_jsonl, ".txt": _read_txt}[f.suffix]
+        yield from reader(f)
+
+
+def read_texts(path: Path | str) -> list[str]:
+    """All non-empty document texts under DOCS; refuses an empty corpus."""
+    texts = [d.text for d in iter_documents(path) if d.text.strip()]
+    if not texts:
+        raise NanoforgeError(f"{path}: the corpus is empty (no document has any text)")
+    return texts
+
+
+def write_document_shards(docs: Iterable[Document], out: Path, *, shard_bytes: int = 64 << 20,
+                          prefix: str = "docs") -> dict[str, int]:
+    """Write documents as `prefix-00000.parquet`, … (zstd) into the existing directory `out`.
+
+    Returns counts: documents, bytes (UTF-8 text), shards.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    buf: list[Document] = []
+    size = n_docs = n_bytes = shard = 0
+
+    def flush() -> None:
+        nonlocal buf, size, shard
+        if not buf:
+            return
+        table = pa.Table.from_pydict(
+            {"id": [d.id for d in buf], "text": [d.text for d in buf],
+             "url": [d.url for d in buf], "source": [d.source for d in buf]}, schema=SCHEMA)
+        pq.write_table(table, out / f"{prefix}-{shard:05d}.parquet", compression="zstd")
+        shard += 1
+        buf, size = [], 0
+
+    for d in docs:
+        buf.append(d)
+        b = len(d.text.encode("utf-8"))
+        size += b
+        n_bytes += b
+        n_docs += 1
+        if size >= shard_bytes:
+            flush()
+    flush()
+    return {"documents": n_docs, "bytes": n_bytes, "shards": shard}

@@ -1,0 +1,184 @@
+"""The run driver: stages in order over one run directory, skipping what is already done.
+
+    nanoforge run my-run.toml          # runs/<name>/01-corpus, 02-tokenizer, 03-tokens, 04-pretrain
+    nanoforge demo                     # the same, on the built-in config
+
+A stage is skipped when its directory's manifest records the same stage, the same config and the same
+input hashes; otherwise it runs (again), and every stage after it sees new input hashes and runs too.
+A pretraining stage that was killed part-way resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from nanoforge.artifacts import input_hash, read_manifest, to_jsonable
+from nanoforge.config import PretrainConfig, build, load_toml, resolve_pretrain
+from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
+from nanoforge.errors import NanoforgeError
+from nanoforge.infer.sample import SampleConfig
+from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
+from nanoforge.tokens import TokenizeConfig, tokenize
+from nanoforge.train.checkpoint import latest_checkpoint
+from nanoforge.train.loop import pretrain
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    root: str = "runs"
+    docs: str | None = None  # use these documents instead of building the embedded corpus
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig
+    corpus: CorpusConfig
+    tokenizer: TokenizerConfig
+    tokenize: TokenizeConfig
+    pretrain: PretrainConfig
+    sample: SampleConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+SECTIONS = {"run": RunConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig,
+            "tokenize": TokenizeConfig, "pretrain": PretrainConfig, "sample": SampleConfig}
+
+
+def load_pipeline_config(path: Path | str | None = None, overrides: dict[str, str] | None = None
+                         ) -> PipelineConfig:
+    """Read a run config (TOML); `overrides` are `section.key` → value (from `--set`)."""
+    raw = load_toml(path) if path is not None else demo_config_raw()
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise NanoforgeError(f"{path}: unknown section(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(SECTIONS)})")
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise NanoforgeError(f"--set {key}: expected SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})[name] = value
+    where = str(path or "demo config")
+    return PipelineConfig(**{s: build(cls, raw.get(s, {}), f"{where} [{s}]") for s, cls in SECTIONS.items()})
+
+
+def demo_config_raw() -> dict[str, Any]:
+    return load_toml(Path(str(resources.files("nanoforge").joinpath("configs/demo.toml"))))
+
+
+@dataclass
+class Stage:
+    name: str
+    inputs: list[str]  # names of earlier stages whose outputs this one reads
+    config: Callable[[PipelineConfig], Any]
+    run: Callable[[PipelineConfig, dict[str, Path], Path, bool], dict]
+    manifest_config: Callable[[Any], Any] = lambda c: c
+
+
+def _run_pretrain(p: PipelineConfig, ins: dict[str, Path], out: Path, resume: bool) -> dict:
+    return pretrain(p.pretrain, ins["tokens"], out, resume=resume, tokenizer=ins["tokenizer"])
+
+
+STAGES = [
+    Stage("corpus", [], lambda p: p.corpus, lambda p, ins, out, _: build_corpus(p.corpus, out)),
+    Stage("tokenizer", ["corpus"], lambda p: p.tokenizer,
+          lambda p, ins, out, _: train_tokenizer(p.tokenizer, ins["corpus"], out)),
+    Stage("tokens", ["corpus", "tokenizer"], lambda p: p.tokenize,
+          lambda p, ins, out, _: tokenize(p.tokenize, ins["corpus"], ins["tokenizer"], out)),
+    Stage("pretrain", ["tokens", "tokenizer"], lambda p: p.pretrain, _run_pretrain,
+          manifest_config=resolve_pretrain),
+]
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    return run_dir / f"{index + 1:02d}-{name}"
+
+
+def is_current(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bool:
+    """True when `out` holds a finished artifact of `stage` with this config and these inputs."""
+    m = read_manifest(out)
+    if m is None or m.get("stage") != stage.name:
+        return False
+    if m.get("config") != to_jsonable(stage.manifest_config(cfg)):
+        return False
+    recorded = sorted(v.get("hash", "") for v in m.get("inputs", {}).values())
+    return recorded == sorted(input_hash(p) for p in inputs.values())
+
+
+def run_pipeline(p: PipelineConfig, *, only: list[str] | None = None) -> dict[str, Path]:
+    """Run (or skip) every stage in order; return each stage's output directory."""
+    run_dir = p.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Path] = {}
+    for i, stage in enumerate(STAGES):
+        out = stage_dir(run_dir, i, stage.name)
+        if stage.name == "corpus" and p.run.docs:
+            outputs["corpus"] = Path(p.run.docs)
+            tqdm.write(f"[{stage.name}] using documents from {p.run.docs}")
+            continue
+        ins = {k: outputs[k] for k in stage.inputs}
+        cfg = stage.config(p)
+        if is_current(out, stage, cfg, ins):
+            tqdm.write(f"[{stage.name}] up to date: {out}")
+            outputs[stage.name] = out
+            continue
+        if only and stage.name not in only:
+            raise NanoforgeError(f"stage {stage.name} is not up to date; run it first")
+        resume = _resumable(out, stage, cfg)
+        if not resume and out.exists() and stage.name == "pretrain":
+            shutil.rmtree(out)  # a finished or stale run with another config: the pipeline redoes it
+        tqdm.write(f"[{stage.name}] {'resuming' if resume else 'running'} → {out}")
+        stage.run(p, ins, out, resume)
+        outputs[stage.name] = out
+    return outputs
+
+
+def _resumable(out: Path, stage: Stage, cfg: Any) -> bool:
+    """A killed pretraining run with the same config continues from its last checkpoint."""
+    if stage.name != "pretrain" or read_manifest(out) is not None:
+        return False
+    ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").exists() else None
+    if ckpt is None:
+        return False
+    import json
+
+    state = json.loads((ckpt / "state.json").read_text())
+    return state.get("train_config") == to_jsonable(stage.manifest_config(cfg))
+
+
+def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:
+    """A short account of a finished run: what each stage produced, then samples from the model."""
+    from nanoforge.infer.sample import sample
+
+    lines = [f"run {p.run_dir}"]
+    for name, out in outputs.items():
+        f = (read_manifest(out) or {}).get("figures", {})
+        if name == "corpus":
+            lines.append(f"  corpus     {f.get('documents', '?')} documents, {f.get('bytes', 0) / 1e6:.1f} MB")
+        elif name == "tokenizer":
+            lines.append(f"  tokenizer  {f.get('kind')} vocab {f.get('vocab_size')}, "
+                         f"{f.get('bytes_per_token', float('nan')):.2f} bytes/token held out")
+        elif name == "tokens":
+            lines.append(f"  tokens     {f.get('tokens', '?')} tokens from {f.get('documents', '?')} documents")
+        elif name == "pretrain":
+            lines.append(f"  pretrain   {f.get('params', 0) / 1e6:.2f}M params, {f.get('steps')} steps in "
+                         f"{f.get('seconds')} s, {f.get('tok_per_s') or 0:,.0f} tok/s ({f.get('dtype')})")
+            if "val_loss" in f:
+                lines.append(f"             val loss {f['val_loss']:.3f} nats/token vs unigram entropy "
+                             f"{f.get('unigram_entropy', float('nan')):.3f}; {f.get('val_bpb', 0):.3f} bits/byte")
+            lines.append(f"  model      {out}  (nanoforge sample --model {out} --prompt …)")
+    if "pretrain" in outputs and p.sample.max_new_tokens > 0:
+        for i, text in enumerate(sample(p.sample, outputs["pretrain"])):
+            lines.append(f"--- sample {i + 1} (seed {p.sample.seed}, temperature {p.sample.temperature})")
+            lines.append(text)
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The device, its peak FLOP/s for MFU, and whether bf16 autocast pays off on it.
+
+On GPUs the peak comes from a table of known cards (dense bf16 tensor-core figures from the vendors'
+datasheets); on a CPU there is no datasheet worth trusting, so the peak is measured with a matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense (no sparsity) bf16 peak FLOP/s.
+GPU_PEAK_BF16 = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12,
+    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        from nanoforge.errors import NanoforgeError
+
+        raise NanoforgeError("device cuda requested but no CUDA GPU is available")
+    return torch.device(requested)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of an n×n matmul on this CPU (the practical peak)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of `device` for `dtype`: table lookup on GPUs, measured matmul on CPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops if dtype == torch.bfloat16 else flops / 2  # tf32 ≈ half of bf16
+        return 100e12
+    return measured_matmul_flops(dtype)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 clearly faster than fp32 (AVX512-BF16 / AMX units)."""
+    return measured_matmul_flops(torch.bfloat16) > 1.5 * measured_matmul_flops(torch.float32)

@@ -1,0 +1,67 @@
+"""`metrics.jsonl` (one JSON object per logged step) and the loss-curve PNG drawn from it."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from nanoforge.artifacts import atomic_write_bytes, atomic_write_text, to_jsonable
+
+
+class MetricsLog:
+    """Append-only JSONL log; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, *, resume_step: int | None = None):
+        self.path = path
+        if resume_step is None:
+            atomic_write_text(path, "")
+        elif path.exists():
+            kept = [line for line in self.read(path) if line.get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._f = open(path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(to_jsonable(record)) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        rows = []
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: ignore it
+                continue
+        return rows
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str = "loss") -> None:
+    """Draw train loss (and val loss where logged) against step into `png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = MetricsLog.read(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
