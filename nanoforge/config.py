@@ -45,6 +45,7 @@ class PretrainConfig:
     mlp_hidden: int | None = None
     qk_norm: bool | None = None
     rope_theta: float | None = None
+    tie_embeddings: bool | None = None  # None: the flavour's default (gpt2 tied, llama untied)
     seq_len: int | None = None
     # --- optimisation ---
     batch_size: int | None = None  # sequences per micro-batch (per rank)
@@ -92,7 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "llama-1b": dict(  # Llama-3.2-1B shape (16 × 2048, GQA 32/8, SwiGLU 8192): multi-GPU
         depth=16, aspect=128, head_dim=64, flavour="llama", kv_groups=4, mlp_hidden=8192,
-        rope_theta=500000.0, seq_len=2048, batch_size=8, batch_tokens=1048576, max_steps=20000,
+        rope_theta=500000.0, tie_embeddings=True, seq_len=2048, batch_size=8, batch_tokens=1048576, max_steps=20000,
         warmup_steps=2000, lr=3e-4, eval_every=500, sample_every=2000, ckpt_every=1000, compile=True,
     ),
 }
@@ -148,6 +149,7 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         flavour=cfg.flavour, vocab_size=int(math.ceil(vocab_size / 64) * 64), seq_len=cfg.seq_len,
         n_layer=cfg.depth, n_embd=width, n_head=n_head, n_kv_head=n_head // cfg.kv_groups,
         mlp_hidden=cfg.mlp_hidden, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
+        tie_embeddings=cfg.tie_embeddings,
     )
 
 

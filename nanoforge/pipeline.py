@@ -17,11 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
 from nanoforge.artifacts import input_hash, read_manifest, to_jsonable
 from nanoforge.config import PretrainConfig, build, load_toml, resolve_pretrain
 from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
+from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.sample import SampleConfig
 from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
@@ -124,12 +124,12 @@ def run_pipeline(p: PipelineConfig, *, only: list[str] | None = None) -> dict[st
         out = stage_dir(run_dir, i, stage.name)
         if stage.name == "corpus" and p.run.docs:
             outputs["corpus"] = Path(p.run.docs)
-            tqdm.write(f"[{stage.name}] using documents from {p.run.docs}")
+            info(f"[{stage.name}] using documents from {p.run.docs}")
             continue
         ins = {k: outputs[k] for k in stage.inputs}
         cfg = stage.config(p)
         if is_current(out, stage, cfg, ins):
-            tqdm.write(f"[{stage.name}] up to date: {out}")
+            info(f"[{stage.name}] up to date: {out}")
             outputs[stage.name] = out
             continue
         if only and stage.name not in only:
@@ -137,7 +137,7 @@ def run_pipeline(p: PipelineConfig, *, only: list[str] | None = None) -> dict[st
         resume = _resumable(out, stage, cfg)
         if not resume and out.exists() and stage.name == "pretrain":
             shutil.rmtree(out)  # a finished or stale run with another config: the pipeline redoes it
-        tqdm.write(f"[{stage.name}] {'resuming' if resume else 'running'} → {out}")
+        info(f"[{stage.name}] {'resuming' if resume else 'running'} → {out}")
         stage.run(p, ins, out, resume)
         outputs[stage.name] = out
     return outputs

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from nanoforge.artifacts import read_manifest, write_manifest
 from nanoforge.config import PretrainConfig, model_config, resolve_pretrain
+from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import generate
 from nanoforge.model import GPT
@@ -154,7 +155,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
         val_loader: TokenLoader | None = TokenLoader(data, "val", batch_size=cfg.batch_size,
                                                      seq_len=cfg.seq_len, seed=cfg.seed)
     except NanoforgeError as e:
-        tqdm.write(f"note: no validation ({e})")
+        info(f"note: no validation ({e})")
         val_loader = None
     opt = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       device_type=device.type)
@@ -182,7 +183,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
     peak = peak_flops(device, DTYPES[dtype])
     entropy = unigram_entropy(data, tok.vocab_size)
     n_params = model.num_params()
-    tqdm.write(f"pretrain: {n_params / 1e6:.2f}M parameters ({mcfg.flavour}, depth {mcfg.n_layer}, "
+    info(f"pretrain: {n_params / 1e6:.2f}M parameters ({mcfg.flavour}, depth {mcfg.n_layer}, "
                f"width {mcfg.n_embd}), {cfg.max_steps} steps × {cfg.batch_tokens} tokens "
                f"(accum {accum}), {dtype} on {device}; unigram entropy {entropy:.3f} nats/token")
 
@@ -231,7 +232,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
             samples = _sample(model, tok, cfg.sample_prompts, cfg.sample_tokens, cfg.seed)
             record["samples"] = samples
             for s in samples:
-                bar.write(f"--- sample @ step {step}\n{s}")
+                info(f"--- sample @ step {step}\n{s}")
         metrics.log(record)
         if step % cfg.ckpt_every == 0 or last:
             save_checkpoint(ckpt_root, step, model, opt, checkpoint_state())
@@ -259,7 +260,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
                               inputs={"tokens": data, "tokenizer": tokenizer_dir}, figures=figures)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
                         if k in ("steps", "final_loss", "val_loss", "val_bpb", "unigram_entropy", "tok_per_s"))
-    tqdm.write(f"pretrain done in {elapsed:.0f}s: {summary}")
+    info(f"pretrain done in {elapsed:.0f}s: {summary}")
     return manifest
 
 

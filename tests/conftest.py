@@ -1,0 +1,51 @@
+"""Shared tiny artifacts: a pydoc corpus of a few modules, a small tokenizer and its token shards.
+
+Built once per test session (a few seconds) and treated as read-only by the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanoforge.config import PretrainConfig
+
+TINY_MODULES = ["json", "textwrap", "string", "shlex", "fnmatch", "glob", "bisect", "heapq", "colorsys",
+                "base64", "calendar", "difflib"]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "docs"
+    build_corpus(CorpusConfig(modules=TINY_MODULES, workers=1), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(TokenizerConfig(vocab_size=512), tiny_corpus, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    from nanoforge.tokens import TokenizeConfig, tokenize
+
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokenize(TokenizeConfig(val_fraction=0.2, workers=1), tiny_corpus, tiny_tokenizer, out)
+    return out
+
+
+def tiny_pretrain_config(**overrides) -> PretrainConfig:
+    """A model of ~0.1 M parameters that trains a few dozen steps in seconds."""
+    values = dict(preset="cpu-tiny", depth=2, aspect=32, head_dim=16, seq_len=64, batch_size=4,
+                  batch_tokens=256, max_steps=30, warmup_steps=5, lr=3e-3, eval_every=10, eval_batches=2,
+                  sample_every=0, ckpt_every=10, dtype="fp32", seed=0)
+    values.update(overrides)
+    return PretrainConfig(**values)

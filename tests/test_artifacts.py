@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from nanoforge.artifacts import atomic_dir, content_hash, input_hash, read_manifest, write_manifest
+
+
+def test_atomic_dir_keeps_the_old_artifact_when_the_new_one_fails(tmp_path):
+    out = tmp_path / "art"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp leftovers
+
+
+def test_manifest_records_inputs_and_content_hash(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text("hello")
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "x.bin").write_bytes(b"123")
+        write_manifest(tmp, stage="demo", config={"a": 1}, inputs={"src": src}, figures={"n": 3})
+    m = read_manifest(out)
+    assert m["stage"] == "demo" and m["figures"] == {"n": 3}
+    assert m["inputs"]["src"]["hash"] == content_hash(src)
+    assert input_hash(out) == m["content_hash"] == content_hash(out)
+    (out / "x.bin").write_bytes(b"124")
+    assert content_hash(out) != m["content_hash"]
+    assert json.loads((out / "manifest.json").read_text())["versions"]["nanoforge"]

@@ -1,0 +1,52 @@
+import pytest
+
+from nanoforge.config import PRESETS, PretrainConfig, build, model_config, parse_sets, resolve_pretrain
+from nanoforge.errors import NanoforgeError
+from nanoforge.model import GPT
+
+
+@pytest.mark.parametrize("name,vocab,lo,hi", [
+    ("cpu-tiny", 4096, 1e6, 3e6), ("cpu-small", 8192, 10e6, 20e6),
+    ("gpt2-124m", 50257, 120e6, 130e6), ("llama-1b", 128256, 1.1e9, 1.3e9),
+])
+def test_presets_have_their_advertised_sizes(name, vocab, lo, hi):
+    import torch
+
+    cfg = resolve_pretrain(PretrainConfig(preset=name))
+    with torch.device("meta"):
+        n = GPT(model_config(cfg, vocab)).num_params()
+    assert lo <= n <= hi, f"{name}: {n / 1e6:.1f}M parameters"
+
+
+def test_gpt2_preset_is_gpt2_small():
+    m = model_config(resolve_pretrain(PretrainConfig(preset="gpt2-124m")), 50257)
+    assert (m.flavour, m.n_layer, m.n_embd, m.n_head, m.seq_len, m.vocab_size) == ("gpt2", 12, 768, 12, 1024, 50304)
+
+
+def test_depth_dial_rescales_width_and_lr():
+    base = resolve_pretrain(PretrainConfig(preset="cpu-tiny"))
+    deeper = resolve_pretrain(PretrainConfig(preset="cpu-tiny", depth=8))
+    assert deeper.depth * deeper.aspect == 2 * base.depth * base.aspect
+    assert deeper.lr == pytest.approx(base.lr / 2)
+    # an explicit lr wins over the derivation
+    assert resolve_pretrain(PretrainConfig(preset="cpu-tiny", depth=8, lr=1e-3)).lr == 1e-3
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(NanoforgeError, match="unknown preset 'nope'"):
+        resolve_pretrain(PretrainConfig(preset="nope"))
+
+
+def test_build_coerces_strings_and_refuses_unknown_keys():
+    cfg = build(PretrainConfig, parse_sets(["lr=0.01", "max_steps=5", "compile=true", "depth=none"]), "t")
+    assert (cfg.lr, cfg.max_steps, cfg.compile, cfg.depth) == (0.01, 5, True, None)
+    with pytest.raises(NanoforgeError, match="unknown setting"):
+        build(PretrainConfig, {"learning_rate": 1}, "t")
+    with pytest.raises(NanoforgeError, match="expected a number"):
+        build(PretrainConfig, {"lr": "fast"}, "t")
+
+
+def test_every_preset_resolves():
+    for name in PRESETS:
+        cfg = resolve_pretrain(PretrainConfig(preset=name))
+        assert cfg.batch_tokens % (cfg.batch_size * cfg.seq_len) == 0

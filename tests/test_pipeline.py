@@ -1,0 +1,43 @@
+from nanoforge.artifacts import read_manifest
+from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
+
+from conftest import TINY_MODULES
+
+
+def _tiny_run(tmp_path, **extra):
+    sets = {
+        "run.root": str(tmp_path), "run.name": "tiny", "corpus.modules": ",".join(TINY_MODULES[:6]),
+        "corpus.workers": "1", "tokenizer.vocab_size": "400", "tokenize.val_fraction": "0.2",
+        "tokenize.workers": "1", "pretrain.depth": "2", "pretrain.aspect": "32", "pretrain.head_dim": "16",
+        "pretrain.seq_len": "64", "pretrain.batch_size": "4", "pretrain.batch_tokens": "256",
+        "pretrain.max_steps": "12", "pretrain.eval_every": "6", "pretrain.eval_batches": "1",
+        "pretrain.sample_every": "0", "pretrain.dtype": "fp32", "sample.max_new_tokens": "8",
+        **extra,
+    }
+    return load_pipeline_config(None, sets)
+
+
+def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
+    p = _tiny_run(tmp_path)
+    outputs = run_pipeline(p)
+    assert list(outputs) == ["corpus", "tokenizer", "tokens", "pretrain"]
+    for name, out in outputs.items():
+        m = read_manifest(out)
+        assert m["stage"] == name and m["figures"] and m["versions"]["torch"] and m["content_hash"]
+    assert read_manifest(outputs["pretrain"])["inputs"]["tokens"]["hash"] == read_manifest(outputs["tokens"])["content_hash"]
+    stamps = {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
+    capsys.readouterr()
+    run_pipeline(p)
+    assert capsys.readouterr().err.count("up to date") == 4
+    assert stamps == {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
+    summary = run_summary(p, outputs)
+    assert "val loss" in summary and "--- sample 1" in summary
+
+
+def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
+    run_pipeline(_tiny_run(tmp_path))
+    capsys.readouterr()
+    run_pipeline(_tiny_run(tmp_path, **{"tokenize.val_fraction": "0.3"}))
+    err = capsys.readouterr().err
+    assert "[corpus] up to date" in err and "[tokenizer] up to date" in err
+    assert "[tokens] running" in err and "[pretrain] running" in err
