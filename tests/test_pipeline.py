@@ -37,7 +37,11 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
 def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
     run_pipeline(_tiny_run(tmp_path))
     capsys.readouterr()
-    run_pipeline(_tiny_run(tmp_path, **{"tokenize.val_fraction": "0.3"}))
+    run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420"}))
     err = capsys.readouterr().err
-    assert "[corpus] up to date" in err and "[tokenizer] up to date" in err
-    assert "[tokens] running" in err and "[pretrain] running" in err
+    assert "[corpus] up to date" in err
+    assert "[tokenizer] running" in err and "[tokens] running" in err and "[pretrain] running" in err
+    capsys.readouterr()
+    run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420", "pretrain.max_steps": "14"}))
+    err = capsys.readouterr().err
+    assert err.count("up to date") == 3 and "[pretrain] running" in err

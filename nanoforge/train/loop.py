@@ -12,6 +12,7 @@ holds everything a resumed run needs to produce the same weights as an uninterru
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -162,10 +163,11 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt)
-        if state.get("model") != mcfg.to_dict():
+        saved_model = json.loads((ckpt / "state.json").read_text()).get("model") or {}
+        if saved_model != mcfg.to_dict():
             raise NanoforgeError(f"{ckpt}: checkpoint model config does not match this run's config "
-                                 f"({_config_diff(state.get('model') or {}, mcfg.to_dict())})")
+                                 f"({_config_diff(saved_model, mcfg.to_dict())})")
+        state = load_checkpoint(ckpt, model, opt)
         loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before = state.get("elapsed", 0.0)
@@ -196,6 +198,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
     t_start = time.time()
     last_eval: dict[str, float] = {}
     samples: list[str] = []
+    tps_ema: float | None = None
     bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -236,8 +239,9 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
         metrics.log(record)
         if step % cfg.ckpt_every == 0 or last:
             save_checkpoint(ckpt_root, step, model, opt, checkpoint_state())
+        tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps  # steadier display
         bar.set_postfix(loss=f"{loss_val:.3f}", **({"val": f"{last_eval['val_loss']:.3f}"} if last_eval else {}),
-                        tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
+                        tok_s=f"{tps_ema:,.0f}", mfu=f"{100 * tps_ema * flops_per_token / peak:.1f}%")
         bar.update(1)
     bar.close()
     metrics.close()
@@ -256,6 +260,8 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
         "mfu": float(np.median([r["mfu"] for r in rows[-50:] if "mfu" in r])) if rows else None,
         "flops_per_token": flops_per_token, "seconds": round(elapsed, 1), "samples": samples,
     }
+    if device.type == "cuda":
+        figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     manifest = write_manifest(out, stage="pretrain", config=cfg,
                               inputs={"tokens": data, "tokenizer": tokenizer_dir}, figures=figures)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()

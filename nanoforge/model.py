@@ -1,0 +1,472 @@
+"""The GPT: one decoder-only transformer, in a GPT-2 or a Llama flavour chosen by `ModelConfig.flavour`.
+
+    from nanoforge.model import GPT, ModelConfig
+    model = GPT(ModelConfig(vocab_size=8192, seq_len=256, n_layer=6, n_embd=384, n_head=6))
+    loss = model(idx, targets)          # idx, targets: (B, T) int64 -> scalar cross-entropy
+    logits = model(idx)                 # (B, T, vocab_size) float32
+
+Both flavours compute exactly the math of their `transformers` peer, so an exporter maps weights 1:1:
+
+| flavour | positions | norm | MLP | biases | embeddings | `transformers` peer |
+|---|---|---|---|---|---|---|
+| gpt2 | learned | LayerNorm | GELU (tanh) | yes | tied | `GPT2LMHeadModel` |
+| llama | RoPE (rotate_half) | RMSNorm | SwiGLU | no | untied | `LlamaForCausalLM` |
+
+Weight mapping (ours -> `transformers`, per layer `h.{i}` -> `transformer.h.{i}` / `model.layers.{i}`):
+
+- `attn.qkv` is one fused matmul: its weight rows are `[q; k; v]` (n_head·hd, n_kv_head·hd, n_kv_head·hd).
+  Llama: `cat(q_proj, k_proj, v_proj)`. GPT-2: `c_attn.weight.T` (GPT-2's `Conv1D` stores (in, out)).
+- `mlp.fc` (llama) is the fused gate/up matmul: weight rows `[gate; up]` = `cat(gate_proj, up_proj)`.
+  GPT-2: `mlp.fc` = `c_fc.weight.T`; `mlp.proj` = `c_proj.weight.T`.
+- `attn.proj` = `o_proj` / `attn.c_proj.weight.T`; `norm1`/`norm2` = `input_layernorm`/
+  `post_attention_layernorm` (`ln_1`/`ln_2`); `norm_f` = `model.norm` (`ln_f`); `wte`, `wpe`, `lm_head`
+  map by name. `qk_norm` (llama only) matches Qwen3's `q_norm`/`k_norm`: RMSNorm over each head before RoPE.
+
+The model is pure math: no devices beyond `.to`, no parallelism, no checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from nanoforge.errors import NanoforgeError
+
+FLAVOURS = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. `None` fields are resolved from the flavour when the config is built."""
+
+    vocab_size: int
+    seq_len: int  # max context: the learned position table / RoPE table length
+    n_layer: int
+    n_embd: int
+    n_head: int
+    flavour: str = "llama"
+    n_kv_head: int | None = None  # GQA: key/value heads shared by n_head // n_kv_head query heads
+    mlp_hidden: int | None = None  # gpt2: 4·d; llama: 8/3·d rounded up to a multiple of 64
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool | None = None  # gpt2: True; llama: False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise NanoforgeError(
+                f"model config: unknown flavour {self.flavour!r} (expected one of {FLAVOURS})"
+            )
+        for name in ("vocab_size", "seq_len", "n_layer", "n_embd", "n_head"):
+            if getattr(self, name) < 1:
+                raise NanoforgeError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise NanoforgeError(
+                f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise NanoforgeError(
+                f"model config: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"
+            )
+        if self.head_dim % 2 and self.flavour == "llama":
+            raise NanoforgeError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.qk_norm and self.flavour == "gpt2":
+            raise NanoforgeError("model config: qk_norm is only available in the llama flavour")
+        if self.mlp_hidden is None:
+            if self.flavour == "gpt2":
+                self.mlp_hidden = 4 * self.n_embd
+            else:  # SwiGLU has 3 matrices instead of 2: 8/3·d keeps the parameter count of a 4·d MLP
+                self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.flavour == "gpt2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        """All fields, resolved (no `None`), JSON-able."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NanoforgeError(f"model config: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for `batch` sequences of up to `max_len` slots.
+
+    `pos` counts the slots already filled; `GPT.forward(idx, kv_cache=cache)` writes the next T slots and
+    advances it. Prompts of different lengths are **left-padded**: `pad[b]` is the number of padding slots in
+    front of sequence b. Its tokens then sit at positions `slot - pad[b]` (so RoPE / learned positions are
+    those of the unpadded sequence) and no query attends to a padding slot.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        cfg: ModelConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        *,
+        pad: list[int] | None = None,
+    ) -> None:
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+        if pad is not None and len(pad) != batch:
+            raise NanoforgeError(f"KV cache: got {len(pad)} padding lengths for a batch of {batch}")
+        self.pad = None if pad is None or not any(pad) else torch.tensor(pad, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only the sequences `rows` (e.g. drop the finished ones from a batch)."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        bias = cfg.flavour == "gpt2"
+        # one matmul for q, k and v: a single large GEMM runs closer to peak than three small ones
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        H, KV = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)  # (B, T, H + 2·KV, hd)
+        qk, v = qkv.split([H + KV, KV], dim=2)  # q and k heads side by side: RoPE'd in one call
+        if self.q_norm is not None:
+            q, k = qk.split([H, KV], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        if rope is not None:
+            qk = Rotary.apply(qk, *rope)
+        q, k = qk.split([H, KV], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            # write this chunk into slots [pos, pos+T) and attend over every filled slot [0, pos+T)
+            end = cache.pos + T
+            cache.k[layer, :, :, cache.pos : end] = k
+            cache.v[layer, :, :, cache.pos : end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            if k.dtype != q.dtype:
+                q = q.to(k.dtype)
+        # without a mask a chunk of T > 1 tokens is the start of the sequence: plain causal attention
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=KV != H
+        )  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+
+
+class Rotary(torch.autograd.Function):
+    """RoPE on x (B, T, heads, hd) with cos/sin (B|1, T, 1, hd/2): HF's non-interleaved convention, each
+    pair (i, i + hd/2) rotated by its position's angle, i.e. `x·cos + rotate_half(x)·sin`.
+
+    A hand-written backward (the rotation by the opposite angle) and two fused multiply-adds per half
+    replace the ~15 elementwise ops, casts and `cat`s autograd records for the plain expression. The
+    rotation runs in fp32 and the result is rounded once to x's dtype, like the fp32 rotation followed by
+    the cast to bf16 that attention does under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    rotated = (torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin))
+    return torch.cat(rotated, dim=-1).to(x.dtype)  # (x1·cos - x2·sin, x2·cos + x1·sin)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.flavour == "llama"
+        bias = not self.swiglu
+        # llama: gate and up projections fused into one matmul, rows [gate; up]
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.mlp_hidden, bias=bias)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, T, 2·hidden) or (B, T, hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.norm2 = _norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.flavour == "gpt2":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return nn.RMSNorm(dim, eps=cfg.norm_eps)  # F.rms_norm: one fused kernel, not 5 elementwise ops
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd) if cfg.flavour == "gpt2" else None
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = _norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.flavour == "llama":
+            # cos/sin of every (position, frequency), fp32, (seq_len, hd/2); not saved: derived from config
+            exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+            inv_freq = 1.0 / (cfg.rope_theta**exponent)  # (hd/2,)
+            angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for matrices and embeddings, zero biases, unit norm gains; the residual output
+        projections get init_std / sqrt(2·n_layer) so the residual stream's variance stays O(1) with depth
+        (GPT-2 paper), which keeps training stable from ~1M to ~1B parameters."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """idx (B, T) int64 -> logits (B, T, V) float32; with `targets` (B, T) (-100 = ignored) -> the
+        cross-entropy: a scalar (`reduction="mean"`/`"sum"`) or per-token losses (B, T) (`"none"`, 0 where
+        ignored). With `kv_cache`, idx continues the cached sequences from slot `kv_cache.pos`.
+        `last_only` computes the logits of the last position only, (B, 1, V): what generation needs."""
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.pos
+        pad = None if kv_cache is None else kv_cache.pad
+        # the furthest position this call reaches; padded rows start at a negative offset (see KVCache)
+        last_pos = start + T - (0 if pad is None else int(pad.min()))
+        if last_pos > self.cfg.seq_len:
+            raise NanoforgeError(f"model: sequence of {last_pos} tokens exceeds seq_len={self.cfg.seq_len}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise NanoforgeError(f"model: KV cache of {kv_cache.max_len} slots is full (pos={start}, T={T})")
+
+        # positions of the tokens: a slice [start, start+T) (a view: cheaper than a gather), or with left
+        # padding a (B, T) index, padding slots at position 0
+        pos: slice | Tensor = slice(start, start + T)
+        if pad is not None:
+            pos = (torch.arange(start, start + T, device=idx.device)[None, :] - pad[:, None]).clamp_min(0)
+        mask = None if kv_cache is None else _cache_mask(start, T, pad, idx.device)
+
+        x = self.wte(idx)  # (B, T, d)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe.weight[pos]  # (T, d) or (B, T, d)
+        else:  # cos, sin: (1|B, T, 1, hd/2), broadcast over heads
+            rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
+            if pad is None:
+                rope = (rope[0][None], rope[1][None])
+        for layer, block in enumerate(self.h):
+            x = block(x, rope, mask, kv_cache, layer)
+        x = self.norm_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        if targets is None:
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(x).float()
+        if reduction == "none":  # per-token losses: used without gradients (bits per byte) or with masks
+            logits = self.lm_head(x).view(B * T, -1)
+            return F.cross_entropy(logits, targets.reshape(B * T), reduction="none").view(B, T)
+        if reduction not in ("mean", "sum"):
+            raise NanoforgeError(f"model: unknown loss reduction {reduction!r} (mean | sum | none)")
+        return LinearCrossEntropy.apply(
+            x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction
+        )
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once). `exclude_embeddings` drops the lookup tables that do no
+        matmul: the position table and, when untied, the input token table (a tied table is the output
+        projection and stays counted), the convention of nanoGPT/nanochat for FLOP counting."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward) at full context, PaLM/nanoGPT convention:
+        6·N (N = `num_params(exclude_embeddings=True)`: 2 FLOPs per weight per token forward, 4 backward)
+        plus 12·n_layer·n_embd·seq_len for the attention scores and weighted sums (QKᵀ and AV, 2+2 FLOPs
+        forward per (query, key, channel), times 3 for backward), counted without the causal halving."""
+        c = self.cfg
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * c.seq_len
+
+    def param_groups_for_weight_decay(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(decay, no_decay): weight decay applies to the matrices of the linear layers (2-D weights),
+        not to embedding tables (a tied lm_head is the embedding), norm gains or biases."""
+        embeddings = {id(self.wte.weight)} | ({id(self.wpe.weight)} if self.wpe is not None else set())
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return decay, no_decay
+
+
+def _cache_mask(start: int, T: int, pad: Tensor | None, device: torch.device) -> Tensor | None:
+    """Boolean attention mask (True = attend) for the chunk in cache slots [start, start+T) over the
+    slots [0, start+T).
+
+    None when plain causal attention is right: a chunk starting at slot 0 without padding, or a single
+    decode token without padding (it sees every filled slot).
+    """
+    if pad is None and (start == 0 or T == 1):
+        return None
+    slots = torch.arange(start, start + T, device=device)  # (T,) query slots
+    keys = torch.arange(start + T, device=device)  # (S,) key slots
+    mask = keys[None, :] <= slots[:, None]  # (T, S): causal, offset by the cache position
+    if pad is None:
+        return mask
+    # (B, 1, T, S): padding slots are never attended, except a padding query attends to itself (its row
+    # would otherwise be all -inf, and the NaN it produced would poison the values cached for it)
+    real = keys[None, :] >= pad[:, None]  # (B, S)
+    diag = keys[None, :] == slots[:, None]  # (T, S)
+    return (mask[None] & (real[:, None, :] | diag[None]))[:, None]
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `x @ w.T` against targets (-100 = ignored), computed in row chunks whose logits
+    never exist all at once; the gradients of x and w are computed in the same pass.
+
+    The plain path materialises the (N, V) logits, an fp32 copy of them under autocast, the saved
+    log-softmax and its (N, V) gradient: about ten passes over N·V floats, which on a CPU cost as much
+    as the lm_head matmul itself. Here each chunk's logits (≈16 MB on a CPU: it stays in cache) go
+    through logsumexp, softmax - one_hot and three matmuls, and are dropped. Backward only scales the
+    saved gradients by the incoming scalar. Under autocast the matmuls run in the autocast dtype and the
+    softmax in fp32, like the plain path.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, w: Tensor, targets: Tensor, reduction: str) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device, enabled=False):
+            xc, wc = x.to(dtype), w.to(dtype)  # (N, d), (V, d)
+            N, V = xc.shape[0], wc.shape[0]
+            valid = targets != -100  # (N,)
+            n_valid = valid.sum()
+            safe_targets = targets.clamp_min(0)
+            # d loss / d logit of each row: 1/n_valid for the mean, 1 for the sum, 0 for ignored rows
+            row_scale = valid / n_valid.clamp_min(1) if reduction == "mean" else valid.float()
+            losses = torch.empty(N, device=x.device)
+            dx = torch.empty_like(xc) if want_dx else None
+            dw = torch.zeros(wc.shape, device=x.device) if want_dw else None  # fp32 accumulator
+            budget = _LOSS_CHUNK_ELEMENTS.get(device, _LOSS_CHUNK_ELEMENTS["default"])
+            n_chunks = math.ceil(N * V / budget)
+            for i in range(n_chunks):
+                s = slice(N * i // n_chunks, N * (i + 1) // n_chunks)
+                # one fused kernel upcasts and normalises: (C, V) fp32 log-probabilities
+                logp = torch.log_softmax(xc[s] @ wc.T, dim=-1, dtype=torch.float32)
+                losses[s] = -logp.gather(1, safe_targets[s, None]).squeeze(1)
+                if not (want_dx or want_dw):
+                    continue
+                grad = logp.exp_()  # softmax, in place: (C, V)
+                grad[torch.arange(grad.shape[0], device=x.device), safe_targets[s]] -= 1
+                grad = grad.mul_(row_scale[s, None]).to(dtype)
+                if want_dx:
+                    dx[s] = grad @ wc  # (C, d)
+                if want_dw:
+                    dw += grad.T @ xc[s]  # (V, d)
+        ctx.save_for_backward(dx, dw)
+        ctx.x_dtype = x.dtype
+        losses = losses * valid
+        return losses.sum() / n_valid if reduction == "mean" else losses.sum()
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        dx, dw = ctx.saved_tensors
+        dx = None if dx is None else (dx * grad_loss).to(ctx.x_dtype)
+        dw = None if dw is None else dw * grad_loss
+        return dx, dw, None, None
+
+
+# logits per chunk of LinearCrossEntropy: ~16 MB of fp32 fits a CPU's cache; GPUs want big chunks
+_LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "default": 2**27}

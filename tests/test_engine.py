@@ -1,0 +1,120 @@
+"""Generation of nanoforge/infer/engine.py: the KV-cache path equals recomputing from scratch.
+
+python -m pytest tests/test_engine.py -q
+"""
+
+import pytest
+import torch
+
+from nanoforge.errors import NanoforgeError
+from nanoforge.infer.engine import generate, stream
+from nanoforge.model import GPT, ModelConfig
+
+V, T = 61, 48
+
+
+def model_of(flavour: str, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=4, flavour=flavour, **kw)
+    m = GPT(cfg)
+    with torch.no_grad():  # sharpen the random model a little so sampled text is not uniform noise
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [1, 8, 2, 8, 1]]
+
+
+@pytest.mark.parametrize(
+    "flavour, kw",
+    [("llama", dict(n_kv_head=2)), ("llama", dict(n_kv_head=1, qk_norm=True)), ("gpt2", {})],
+)
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=20, top_p=0.95, seed=7)]
+)
+def test_cache_equals_no_cache(flavour: str, kw: dict, sampling: dict) -> None:
+    m = model_of(flavour, **kw)
+    cached = generate(m, PROMPTS, max_new_tokens=12, **sampling)
+    recomputed = generate(m, PROMPTS, max_new_tokens=12, use_cache=False, **sampling)
+    assert cached == recomputed
+    assert [len(o) for o in cached] == [12, 12, 12]
+    # a prompt batched with others gives what it gives alone (left padding is invisible)
+    if "seed" not in sampling:
+        assert generate(m, PROMPTS[1:2], max_new_tokens=12, **sampling)[0] == cached[1]
+
+
+def test_sequences_stop_independently_and_stop_token_is_excluded() -> None:
+    m = model_of("llama")
+    free = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0)
+    stop = free[0][3]  # a token the first sequence emits at step 3
+    outs = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=[stop])
+    assert outs == generate(
+        m, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=[stop], use_cache=False
+    )
+    for free_i, out in zip(free, outs, strict=True):
+        cut = free_i.index(stop) if stop in free_i else len(free_i)
+        assert out == free_i[:cut]
+    assert len(outs[0]) == 3
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters() -> None:
+    m = model_of("llama")
+    a = generate(m, PROMPTS, max_new_tokens=16, seed=1)
+    assert a == generate(m, PROMPTS, max_new_tokens=16, seed=1)
+    assert a != generate(m, PROMPTS, max_new_tokens=16, seed=2)
+
+
+def test_top_k_1_is_greedy() -> None:
+    m = model_of("gpt2")
+    greedy = generate(m, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert generate(m, PROMPTS, max_new_tokens=8, temperature=1.3, top_k=1, seed=3) == greedy
+    assert generate(m, PROMPTS, max_new_tokens=8, temperature=1.3, top_p=1e-6, seed=3) == greedy
+
+
+def test_stream_yields_what_generate_returns() -> None:
+    m = model_of("llama", n_kv_head=2)
+    kw = dict(max_new_tokens=15, temperature=0.8, seed=5)
+    assert list(stream(m, PROMPTS[0], **kw)) == generate(m, PROMPTS[:1], **kw)[0]
+
+
+def test_context_limit_stops_cleanly_and_long_prompt_is_refused() -> None:
+    m = model_of("gpt2")  # learned positions: running past seq_len would be an index error
+    prompts = [list(range(1, T - 3)), [1, 2]]
+    outs = generate(m, prompts, max_new_tokens=10, temperature=0.0)
+    assert [len(o) for o in outs] == [4, 10]  # the first fills the context (T - 4 + 4 = T) and stops
+    assert outs == generate(m, prompts, max_new_tokens=10, temperature=0.0, use_cache=False)
+    with pytest.raises(NanoforgeError, match="prompt 0 has 48 tokens"):
+        generate(m, [list(range(T))], max_new_tokens=1)
+
+
+def test_training_mode_is_restored_and_no_graph_is_built() -> None:
+    m = model_of("llama")
+    m.train()
+    generate(m, PROMPTS, max_new_tokens=3)
+    assert m.training
+    m.eval()
+    list(stream(m, PROMPTS[0], max_new_tokens=3))
+    assert not m.training
+    m.train()
+    tokens = stream(m, PROMPTS[0], max_new_tokens=3)
+    next(tokens)
+    assert torch.is_grad_enabled()  # autograd is on again between tokens
+    tokens.close()
+    assert m.training
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(prompts=[[]]), "prompt 0 is empty"),
+        (dict(prompts=[[1, V]]), "outside"),
+    ],
+)
+def test_bad_arguments_are_refused(kw: dict, message: str) -> None:
+    m = model_of("llama")
+    prompts = kw.pop("prompts", PROMPTS)
+    with pytest.raises(NanoforgeError, match=message):
+        generate(m, prompts, max_new_tokens=3, **kw)

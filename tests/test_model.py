@@ -1,0 +1,356 @@
+"""The GPT of nanoforge/model.py: config checks, exact equality with `transformers`, causality, training,
+KV cache.
+
+    python -m pytest tests/test_model.py -q
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoforge.errors import NanoforgeError
+from nanoforge.model import GPT, KVCache, ModelConfig
+
+V, T = 97, 32
+
+
+def tiny(flavour: str = "llama", **kw) -> ModelConfig:
+    base = dict(vocab_size=V, seq_len=T, n_layer=2, n_embd=64, n_head=4, flavour=flavour)
+    return ModelConfig(**(base | kw))
+
+
+def model_of(cfg: ModelConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def tokens(B: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- config ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(n_embd=60, n_head=8), "not divisible by n_head"),
+        (dict(n_head=4, n_kv_head=3), "not divisible by n_kv_head"),
+        (dict(flavour="mamba"), "unknown flavour"),
+        (dict(n_layer=0), "n_layer must be >= 1"),
+        (dict(flavour="gpt2", qk_norm=True), "qk_norm"),
+    ],
+)
+def test_config_rejects_bad_shapes(kw: dict, message: str) -> None:
+    with pytest.raises(NanoforgeError, match=message):
+        tiny(**kw)
+
+
+def test_config_defaults_round_trip_and_unknown_keys() -> None:
+    llama, gpt2 = tiny("llama"), tiny("gpt2")
+    assert (llama.mlp_hidden, llama.tie_embeddings, llama.n_kv_head) == (192, False, 4)  # 8/3·64 -> 192
+    assert (gpt2.mlp_hidden, gpt2.tie_embeddings) == (256, True)
+    d = json.loads(json.dumps(llama.to_dict()))
+    assert ModelConfig.from_dict(d) == llama
+    with pytest.raises(NanoforgeError, match=r"unknown keys \['n_experts'\]"):
+        ModelConfig.from_dict(d | {"n_experts": 8})
+
+
+def test_num_params_and_flops_by_hand() -> None:
+    d, L, hd, hidden = 64, 2, 16, 192
+    m = model_of(tiny("llama", n_kv_head=2))
+    per_layer = (
+        (4 + 2 * 2) * hd * d + d * d + 2 * hidden * d + hidden * d + 2 * d
+    )  # qkv, o, gate/up, down, norms
+    non_embedding = L * per_layer + d + V * d  # + final norm + untied lm_head
+    assert m.num_params(exclude_embeddings=True) == non_embedding
+    assert m.num_params() == non_embedding + V * d  # + token table
+    assert m.flops_per_token() == 6 * non_embedding + 12 * L * d * T
+
+    g = model_of(tiny("gpt2"))
+    per_layer = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + 4 * d
+    assert g.num_params() == L * per_layer + 2 * d + V * d + T * d  # tied: token table counted once
+    assert g.num_params(exclude_embeddings=True) == L * per_layer + 2 * d + V * d  # tied table = lm_head
+
+
+def test_weight_decay_groups() -> None:
+    for flavour in ("llama", "gpt2"):
+        m = model_of(tiny(flavour))
+        decay, no_decay = m.param_groups_for_weight_decay()
+        assert len(decay) + len(no_decay) == len(list(m.parameters()))
+        assert all(p.ndim == 2 for p in decay) and all(p is not m.wte.weight for p in decay)
+        assert any(p is m.lm_head.weight for p in decay) == (flavour == "llama")
+
+
+def test_init_scales_residual_projections() -> None:
+    m = model_of(tiny("llama", n_layer=8, n_embd=256, mlp_hidden=1024))
+    assert m.h[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.h[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2·8)
+
+
+# ---- exact equality with transformers ---------------------------------------------------------------------
+
+
+def to_hf_llama(m: GPT) -> dict[str, torch.Tensor]:
+    c = m.cfg
+    sd: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": m.wte.weight,
+        "model.norm.weight": m.norm_f.weight,
+    }
+    sd["lm_head.weight"] = m.lm_head.weight
+    for i, b in enumerate(m.h):
+        p = f"model.layers.{i}."
+        q, k, v = b.attn.qkv.weight.split([c.n_head * c.head_dim, *2 * [c.n_kv_head * c.head_dim]])
+        gate, up = b.mlp.fc.weight.chunk(2)
+        sd |= {
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": b.attn.proj.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": b.mlp.proj.weight,
+            p + "input_layernorm.weight": b.norm1.weight,
+            p + "post_attention_layernorm.weight": b.norm2.weight,
+        }
+        if c.qk_norm:
+            sd |= {p + "self_attn.q_norm.weight": b.attn.q_norm.weight}
+            sd |= {p + "self_attn.k_norm.weight": b.attn.k_norm.weight}
+    return sd
+
+
+def to_hf_gpt2(m: GPT) -> dict[str, torch.Tensor]:
+    sd = {"transformer.wte.weight": m.wte.weight, "transformer.wpe.weight": m.wpe.weight}
+    sd |= {"transformer.ln_f.weight": m.norm_f.weight, "transformer.ln_f.bias": m.norm_f.bias}
+    sd["lm_head.weight"] = m.lm_head.weight
+    for i, b in enumerate(m.h):
+        p = f"transformer.h.{i}."
+        for ours, theirs in [
+            (b.norm1, "ln_1"),
+            (b.norm2, "ln_2"),
+            (b.attn.qkv, "attn.c_attn"),
+            (b.attn.proj, "attn.c_proj"),
+            (b.mlp.fc, "mlp.c_fc"),
+            (b.mlp.proj, "mlp.c_proj"),
+        ]:
+            # GPT-2's Conv1D stores (in, out): the transpose of nn.Linear
+            sd[p + theirs + ".weight"] = ours.weight.T if ours.weight.ndim == 2 else ours.weight
+            sd[p + theirs + ".bias"] = ours.bias
+    return sd
+
+
+def load_exactly(hf: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected
+    assert all(k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") for k in missing), missing
+
+
+def randomize_norms(m: GPT) -> None:
+    """Norm gains/biases start at 1/0: perturb them so a wrong mapping of norms would show."""
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(n_kv_head=4), dict(n_kv_head=2), dict(n_kv_head=1, tie_embeddings=True), dict(rope_theta=500.0)],
+)
+def test_llama_logits_equal_transformers(kw: dict) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = model_of(tiny("llama", **kw))
+    randomize_norms(m)
+    c = m.cfg
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=c.n_embd,
+            intermediate_size=c.mlp_hidden,
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_kv_head,
+            max_position_embeddings=c.seq_len,
+            rms_norm_eps=c.norm_eps,
+            rope_theta=c.rope_theta,
+            tie_word_embeddings=c.tie_embeddings,
+            attn_implementation="eager",
+        )
+    ).eval()
+    load_exactly(hf, to_hf_llama(m))
+    idx = tokens(2, T)
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_llama_qk_norm_logits_equal_transformers_qwen3() -> None:
+    """QK-norm as in Qwen3: a Llama whose q and k are RMS-normalised per head before RoPE."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    m = model_of(tiny("llama", n_kv_head=2, qk_norm=True))
+    randomize_norms(m)
+    c = m.cfg
+    hf = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=V,
+            hidden_size=c.n_embd,
+            intermediate_size=c.mlp_hidden,
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_kv_head,
+            head_dim=c.head_dim,
+            max_position_embeddings=c.seq_len,
+            rms_norm_eps=c.norm_eps,
+            rope_theta=c.rope_theta,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            attn_implementation="eager",
+        )
+    ).eval()
+    load_exactly(hf, to_hf_llama(m))
+    idx = tokens(2, T)
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_gpt2_logits_equal_transformers() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = model_of(tiny("gpt2"))
+    randomize_norms(m)
+    with torch.no_grad():  # biases start at 0: perturb them so a wrong bias mapping would show
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.05)
+    c = m.cfg
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=V,
+            n_positions=c.seq_len,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_inner=c.mlp_hidden,
+            activation_function="gelu_new",
+            layer_norm_epsilon=c.norm_eps,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            attn_implementation="eager",
+        )
+    ).eval()
+    load_exactly(hf, to_hf_gpt2(m))
+    idx = tokens(2, T)
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+# ---- behaviour ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_causal(flavour: str) -> None:
+    m = model_of(tiny(flavour, n_kv_head=2))
+    idx = tokens(2, T)
+    changed = idx.clone()
+    changed[:, 20:] = (changed[:, 20:] + 1) % V
+    with torch.no_grad():
+        a, b = m(idx), m(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_loss_matches_logits_and_ignores_minus_100() -> None:
+    m = model_of(tiny("llama"))
+    idx, targets = tokens(2, T), tokens(2, T, seed=2)
+    targets[0, :5] = -100
+    with torch.no_grad():
+        logits = m(idx)
+        per_token = m(idx, targets, reduction="none")
+        mean = m(idx, targets)
+    expected = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100, reduction="none")
+    torch.testing.assert_close(per_token, expected.view(2, T))
+    assert per_token[0, :5].eq(0).all()
+    torch.testing.assert_close(mean, per_token.sum() / (targets != -100).sum())
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_trains(flavour: str) -> None:
+    """A fixed set of 8 sequences is memorised: the loss falls far below uniform (ln 97 = 4.57)."""
+    torch.manual_seed(0)
+    m = GPT(tiny(flavour, n_kv_head=2))
+    data = tokens(8, T + 1, seed=3)
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(100):
+        loss = m(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(V), abs=0.3)
+    assert sum(losses[-5:]) / 5 < 1.0
+
+
+def test_gradient_accumulation_equals_large_batch() -> None:
+    m = model_of(tiny("llama", n_kv_head=2))
+    data = tokens(8, T + 1, seed=4)
+    x, y = data[:, :-1], data[:, 1:]
+    m(x, y).backward()
+    full = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
+        (m(xs, ys) / 4).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, full[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_sequence_longer_than_context_is_refused() -> None:
+    m = model_of(tiny("llama"))
+    with pytest.raises(NanoforgeError, match="exceeds seq_len"):
+        m(tokens(1, T + 1))
+
+
+# ---- KV cache ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_cache_chunks_equal_full_forward(flavour: str) -> None:
+    """Prefill, a chunk continuing an existing cache (offset causal mask) and single decode steps."""
+    m = model_of(tiny(flavour, n_kv_head=2) if flavour == "llama" else tiny(flavour))
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        full = m(idx)
+        cache = KVCache(2, 24, m.cfg)
+        parts = [m(idx[:, :7], kv_cache=cache), m(idx[:, 7:15], kv_cache=cache)]
+        parts += [m(idx[:, t : t + 1], kv_cache=cache) for t in range(15, 20)]
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_cache_left_padding_equals_unpadded(flavour: str) -> None:
+    m = model_of(tiny(flavour, qk_norm=flavour == "llama"))
+    short, long = tokens(1, 5, seed=5), tokens(1, 9, seed=6)
+    with torch.no_grad():
+        ref_short, ref_long = m(torch.cat([short, tokens(1, 3, seed=7)], 1)), m(long)
+        batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+        cache = KVCache(2, 12, m.cfg, pad=[4, 0])
+        prefill = m(batch, kv_cache=cache)
+        step = m(torch.cat([tokens(1, 3, seed=7), long[:, :3]]), kv_cache=cache)
+    torch.testing.assert_close(prefill[0, 4:], ref_short[0, :5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(prefill[1], ref_long[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[0], ref_short[0, 5:], atol=1e-5, rtol=0)
+    assert torch.isfinite(prefill).all() and torch.isfinite(step).all()
+
+
+def test_cache_overflow_is_refused() -> None:
+    m = model_of(tiny("llama"))
+    cache = KVCache(1, 4, m.cfg)
+    with torch.no_grad(), pytest.raises(NanoforgeError, match="KV cache of 4 slots is full"):
+        m(tokens(1, 5), kv_cache=cache)
