@@ -190,10 +190,10 @@ def cmd_run(args: argparse.Namespace, *, demo: bool = False) -> None:
 
 
 def cmd_presets(_: argparse.Namespace) -> None:
+    import torch
+
     from nanoforge.config import PRESETS, PretrainConfig, model_config, resolve_pretrain
     from nanoforge.model import GPT
-
-    import torch
 
     print(f"{'preset':<10} {'flavour':<7} {'depth':>5} {'width':>5} {'heads':>7} {'seq':>5} "
           f"{'params (vocab)':>20} {'batch tokens':>12} {'lr':>8}")

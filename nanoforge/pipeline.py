@@ -17,11 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-
 from nanoforge.artifacts import input_hash, read_manifest, to_jsonable
 from nanoforge.config import PretrainConfig, build, load_toml, resolve_pretrain
-from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
 from nanoforge.console import info
+from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.sample import SampleConfig
 from nanoforge.tokenizer import TokenizerConfig, train_tokenizer

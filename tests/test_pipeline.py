@@ -1,7 +1,7 @@
+from conftest import TINY_MODULES
+
 from nanoforge.artifacts import read_manifest
 from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
-
-from conftest import TINY_MODULES
 
 
 def _tiny_run(tmp_path, **extra):
@@ -24,7 +24,8 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     for name, out in outputs.items():
         m = read_manifest(out)
         assert m["stage"] == name and m["figures"] and m["versions"]["torch"] and m["content_hash"]
-    assert read_manifest(outputs["pretrain"])["inputs"]["tokens"]["hash"] == read_manifest(outputs["tokens"])["content_hash"]
+    pretrain_inputs = read_manifest(outputs["pretrain"])["inputs"]
+    assert pretrain_inputs["tokens"]["hash"] == read_manifest(outputs["tokens"])["content_hash"]
     stamps = {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     capsys.readouterr()
     run_pipeline(p)

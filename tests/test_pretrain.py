@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_pretrain_config
 from safetensors.torch import load_file
 
-from conftest import tiny_pretrain_config
 from nanoforge.errors import NanoforgeError
 from nanoforge.train.checkpoint import load_model_artifact
 from nanoforge.train.loop import pretrain

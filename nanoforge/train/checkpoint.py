@@ -30,7 +30,7 @@ from nanoforge.artifacts import atomic_dir, atomic_write_json, atomic_write_text
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, ModelConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "heldout_sample.jsonl")
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
     """Achieved FLOP/s of an n×n matmul on this CPU (the practical peak)."""
     a = torch.randn(n, n).to(dtype)
