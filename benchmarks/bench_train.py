@@ -46,9 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mlp-hidden", type=int, default=None, help="default: 8/3·d rounded up to 64")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument(
-        "--dtypes", default=None, help="comma list of fp32,bf16 (default: both on CPU, bf16 on GPU)"
-    )
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (default: both on CPU, bf16 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model (after compiling)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
@@ -86,6 +84,13 @@ def matmul_peak(dtype: torch.dtype, device: str) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def build(cfg: ModelConfig, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     ours = GPT(cfg).to(device)
@@ -116,14 +121,14 @@ def make_step(
     y: torch.Tensor,
     dtype: torch.dtype,
     compiled: bool,
-) -> tuple[Callable[[], float], float]:
+) -> tuple[Callable[[], torch.Tensor], float]:
     """A closure running one training step; also returns the seconds spent compiling (first steps)."""
     device = x.device.type
     fused = device in ("cpu", "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
     fwd = torch.compile(model) if compiled else model
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             loss = fwd(x, y) if is_ours else fwd(input_ids=x, labels=y, shift_labels=y).loss
         loss.backward()
@@ -140,7 +145,7 @@ def make_step(
     return step, compile_s
 
 
-def time_pair(steps: dict[str, Callable[[], float]], args: argparse.Namespace) -> dict[str, list[float]]:
+def time_pair(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace) -> dict[str, list[float]]:
     """Seconds per step of each side, one figure per round; rounds alternate which side goes first."""
     for step in steps.values():
         for _ in range(args.warmup):
@@ -183,7 +188,7 @@ def main() -> None:
     flops_per_token = GPT(cfg).flops_per_token()
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     peaks = {d: matmul_peak(DTYPES[d], device) for d in dtypes}
-    hw = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    hw = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     print(
         f"device {device} ({hw}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}"

@@ -22,7 +22,10 @@ Weight mapping (ours -> `transformers`, per layer `h.{i}` -> `transformer.h.{i}`
   `post_attention_layernorm` (`ln_1`/`ln_2`); `norm_f` = `model.norm` (`ln_f`); `wte`, `wpe`, `lm_head`
   map by name. `qk_norm` (llama only) matches Qwen3's `q_norm`/`k_norm`: RMSNorm over each head before RoPE.
 
-The model is pure math: no devices beyond `.to`, no parallelism, no checkpoints.
+Speed (measured on CPU by benchmarks/bench_train.py): the loss never materialises the (B·T, V) logits
+(`LinearCrossEntropy`), RoPE has a hand-written backward (`Rotary`), attention is
+`F.scaled_dot_product_attention`. Generation uses a preallocated `KVCache` (left padding for prompts of
+different lengths). The model is pure math: no devices beyond `.to`, no parallelism, no checkpoints.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class ModelConfig:
     """Shape of the network. `None` fields are resolved from the flavour when the config is built."""
 
     vocab_size: int
-    seq_len: int  # max context: the learned position table / RoPE table length
+    seq_len: int  # max context: positions 0 .. seq_len-1
     n_layer: int
     n_embd: int
     n_head: int
@@ -60,22 +63,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
-            raise NanoforgeError(
-                f"model config: unknown flavour {self.flavour!r} (expected one of {FLAVOURS})"
-            )
+            raise NanoforgeError(f"model config: unknown flavour {self.flavour!r} (expected one of {FLAVOURS})")
         for name in ("vocab_size", "seq_len", "n_layer", "n_embd", "n_head"):
             if getattr(self, name) < 1:
                 raise NanoforgeError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise NanoforgeError(
-                f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
-            )
+            raise NanoforgeError(f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
-            raise NanoforgeError(
-                f"model config: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"
-            )
+            raise NanoforgeError(f"model config: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.head_dim % 2 and self.flavour == "llama":
             raise NanoforgeError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
         if self.qk_norm and self.flavour == "gpt2":
@@ -133,10 +130,6 @@ class KVCache:
             raise NanoforgeError(f"KV cache: got {len(pad)} padding lengths for a batch of {batch}")
         self.pad = None if pad is None or not any(pad) else torch.tensor(pad, device=device)
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
     def select(self, rows: list[int]) -> None:
         """Keep only the sequences `rows` (e.g. drop the finished ones from a batch)."""
         index = torch.tensor(rows, device=self.k.device)
@@ -151,7 +144,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         bias = cfg.flavour == "gpt2"
-        # one matmul for q, k and v: a single large GEMM runs closer to peak than three small ones
+        # q, k and v in one matmul: one launch, one weight cast under autocast, one weight gradient
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=bias)
         if cfg.qk_norm:
@@ -172,8 +165,8 @@ class Attention(nn.Module):
         H, KV = self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)  # (B, T, H + 2·KV, hd)
         qk, v = qkv.split([H + KV, KV], dim=2)  # q and k heads side by side: RoPE'd in one call
-        if self.q_norm is not None:
-            q, k = qk.split([H, KV], dim=2)
+        if self.q_norm is not None:  # in the norm's dtype (fp32 under autocast), like Qwen3
+            q, k = qk.to(self.q_norm.weight.dtype).split([H, KV], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         if rope is not None:
             qk = Rotary.apply(qk, *rope)
@@ -199,10 +192,10 @@ class Rotary(torch.autograd.Function):
     """RoPE on x (B, T, heads, hd) with cos/sin (B|1, T, 1, hd/2): HF's non-interleaved convention, each
     pair (i, i + hd/2) rotated by its position's angle, i.e. `x·cos + rotate_half(x)·sin`.
 
-    A hand-written backward (the rotation by the opposite angle) and two fused multiply-adds per half
-    replace the ~15 elementwise ops, casts and `cat`s autograd records for the plain expression. The
-    rotation runs in fp32 and the result is rounded once to x's dtype, like the fp32 rotation followed by
-    the cast to bf16 that attention does under autocast.
+    The backward is the rotation by the opposite angle, so nothing but cos/sin is saved and autograd
+    records one node instead of the chunk/mul/sub/add/cat/cast chain of the plain expression (a few %
+    of a CPU training step). The rotation runs in fp32 and is rounded once to x's dtype: under autocast
+    that is HF's fp32 rotation followed by the cast to bf16 that attention does.
     """
 
     @staticmethod
@@ -228,7 +221,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.flavour == "llama"
         bias = not self.swiglu
-        # llama: gate and up projections fused into one matmul, rows [gate; up]
+        # llama: gate and up projections fused into one matmul (rows [gate; up]), like qkv
         self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.mlp_hidden, bias=bias)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=bias)
 
@@ -267,7 +260,7 @@ class Block(nn.Module):
 def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.flavour == "gpt2":
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    return nn.RMSNorm(dim, eps=cfg.norm_eps)  # F.rms_norm: one fused kernel, not 5 elementwise ops
+    return nn.RMSNorm(dim, eps=cfg.norm_eps)  # F.rms_norm: a fused kernel on GPUs
 
 
 class GPT(nn.Module):
@@ -281,13 +274,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if cfg.flavour == "llama":
-            # cos/sin of every (position, frequency), fp32, (seq_len, hd/2); not saved: derived from config
-            exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
-            inv_freq = 1.0 / (cfg.rope_theta**exponent)  # (hd/2,)
-            angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -326,21 +312,18 @@ class GPT(nn.Module):
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise NanoforgeError(f"model: KV cache of {kv_cache.max_len} slots is full (pos={start}, T={T})")
 
-        # positions of the tokens: a slice [start, start+T) (a view: cheaper than a gather), or with left
-        # padding a (B, T) index, padding slots at position 0
-        pos: slice | Tensor = slice(start, start + T)
+        # positions of the tokens: (T,), or with left padding (B, T) with padding slots at position 0
+        pos = torch.arange(start, start + T, device=idx.device)
         if pad is not None:
-            pos = (torch.arange(start, start + T, device=idx.device)[None, :] - pad[:, None]).clamp_min(0)
+            pos = (pos[None, :] - pad[:, None]).clamp_min(0)
         mask = None if kv_cache is None else _cache_mask(start, T, pad, idx.device)
 
         x = self.wte(idx)  # (B, T, d)
         rope = None
-        if self.wpe is not None:
-            x = x + self.wpe.weight[pos]  # (T, d) or (B, T, d)
-        else:  # cos, sin: (1|B, T, 1, hd/2), broadcast over heads
-            rope = (self.rope_cos[pos].unsqueeze(-2), self.rope_sin[pos].unsqueeze(-2))
-            if pad is None:
-                rope = (rope[0][None], rope[1][None])
+        if self.wpe is not None:  # without padding a slice of the table: cheaper than a lookup
+            x = x + (self.wpe.weight[start : start + T] if pad is None else self.wpe(pos))
+        else:
+            rope = _rope_cos_sin(pos, self.cfg)
         for layer, block in enumerate(self.h):
             x = block(x, rope, mask, kv_cache, layer)
         x = self.norm_f(x)
@@ -356,9 +339,7 @@ class GPT(nn.Module):
             return F.cross_entropy(logits, targets.reshape(B * T), reduction="none").view(B, T)
         if reduction not in ("mean", "sum"):
             raise NanoforgeError(f"model: unknown loss reduction {reduction!r} (mean | sum | none)")
-        return LinearCrossEntropy.apply(
-            x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction
-        )
+        return LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights once). `exclude_embeddings` drops the lookup tables that do no
@@ -390,6 +371,19 @@ class GPT(nn.Module):
         return decay, no_decay
 
 
+def _rope_cos_sin(pos: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin of each (position, frequency) angle, (1|B, T, 1, hd/2) to broadcast over heads.
+
+    Computed in fp32 at every call (a few thousand values) rather than stored in a buffer that
+    `model.to(torch.bfloat16)` would round: angles of late positions need fp32 precision."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
+    angles = pos[..., None].float() * inv_freq  # (T, hd/2) or (B, T, hd/2)
+    if angles.ndim == 2:
+        angles = angles[None]
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
 def _cache_mask(start: int, T: int, pad: Tensor | None, device: torch.device) -> Tensor | None:
     """Boolean attention mask (True = attend) for the chunk in cache slots [start, start+T) over the
     slots [0, start+T).
@@ -411,16 +405,22 @@ def _cache_mask(start: int, T: int, pad: Tensor | None, device: torch.device) ->
     return (mask[None] & (real[:, None, :] | diag[None]))[:, None]
 
 
+# logits per chunk of LinearCrossEntropy: ~16 MB of fp32 stays in a CPU's cache; GPUs want big chunks
+_LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "default": 2**27}
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `x @ w.T` against targets (-100 = ignored), computed in row chunks whose logits
     never exist all at once; the gradients of x and w are computed in the same pass.
 
     The plain path materialises the (N, V) logits, an fp32 copy of them under autocast, the saved
-    log-softmax and its (N, V) gradient: about ten passes over N·V floats, which on a CPU cost as much
-    as the lm_head matmul itself. Here each chunk's logits (≈16 MB on a CPU: it stays in cache) go
-    through logsumexp, softmax - one_hot and three matmuls, and are dropped. Backward only scales the
-    saved gradients by the incoming scalar. Under autocast the matmuls run in the autocast dtype and the
-    softmax in fp32, like the plain path.
+    log-softmax, a zero-filled (N, V) gradient and its low-precision copy: many passes over N·V floats
+    (on a CPU about as long as the lm_head matmuls themselves) and N·V·14 bytes of memory. Here each
+    chunk's logits (~16 MB on a CPU, so they stay in cache) go through log_softmax, softmax - one_hot and
+    the three matmuls, and are dropped. Backward only scales the saved gradients by the incoming scalar
+    (so a graph whose loss is never differentiated pays for gradients it does not use: evaluation runs
+    under `torch.no_grad()`, where none are computed). Under autocast the matmuls run in the autocast
+    dtype and the softmax in fp32, like the plain path.
     """
 
     @staticmethod
@@ -466,7 +466,3 @@ class LinearCrossEntropy(torch.autograd.Function):
         dx = None if dx is None else (dx * grad_loss).to(ctx.x_dtype)
         dw = None if dw is None else dw * grad_loss
         return dx, dw, None, None
-
-
-# logits per chunk of LinearCrossEntropy: ~16 MB of fp32 fits a CPU's cache; GPUs want big chunks
-_LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "default": 2**27}

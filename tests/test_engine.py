@@ -29,9 +29,7 @@ PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [1, 8, 2, 8, 1]]
     "flavour, kw",
     [("llama", dict(n_kv_head=2)), ("llama", dict(n_kv_head=1, qk_norm=True)), ("gpt2", {})],
 )
-@pytest.mark.parametrize(
-    "sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=20, top_p=0.95, seed=7)]
-)
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=20, top_p=0.95, seed=7)])
 def test_cache_equals_no_cache(flavour: str, kw: dict, sampling: dict) -> None:
     m = model_of(flavour, **kw)
     cached = generate(m, PROMPTS, max_new_tokens=12, **sampling)
@@ -48,9 +46,7 @@ def test_sequences_stop_independently_and_stop_token_is_excluded() -> None:
     free = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0)
     stop = free[0][3]  # a token the first sequence emits at step 3
     outs = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=[stop])
-    assert outs == generate(
-        m, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=[stop], use_cache=False
-    )
+    assert outs == generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=[stop], use_cache=False)
     for free_i, out in zip(free, outs, strict=True):
         cut = free_i.index(stop) if stop in free_i else len(free_i)
         assert out == free_i[:cut]
@@ -87,7 +83,7 @@ def test_context_limit_stops_cleanly_and_long_prompt_is_refused() -> None:
         generate(m, [list(range(T))], max_new_tokens=1)
 
 
-def test_training_mode_is_restored_and_no_graph_is_built() -> None:
+def test_training_and_grad_modes_are_restored() -> None:
     m = model_of("llama")
     m.train()
     generate(m, PROMPTS, max_new_tokens=3)

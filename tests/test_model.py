@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanoforge import model as model_module
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, KVCache, ModelConfig
 
@@ -62,9 +63,7 @@ def test_config_defaults_round_trip_and_unknown_keys() -> None:
 def test_num_params_and_flops_by_hand() -> None:
     d, L, hd, hidden = 64, 2, 16, 192
     m = model_of(tiny("llama", n_kv_head=2))
-    per_layer = (
-        (4 + 2 * 2) * hd * d + d * d + 2 * hidden * d + hidden * d + 2 * d
-    )  # qkv, o, gate/up, down, norms
+    per_layer = (4 + 2 * 2) * hd * d + d * d + 2 * hidden * d + hidden * d + 2 * d  # qkv, o, gate/up, down, norms
     non_embedding = L * per_layer + d + V * d  # + final norm + untied lm_head
     assert m.num_params(exclude_embeddings=True) == non_embedding
     assert m.num_params() == non_embedding + V * d  # + token table
@@ -276,6 +275,45 @@ def test_loss_matches_logits_and_ignores_minus_100() -> None:
     torch.testing.assert_close(per_token, expected.view(2, T))
     assert per_token[0, :5].eq(0).all()
     torch.testing.assert_close(mean, per_token.sum() / (targets != -100).sum())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_loss_equals_plain_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch, autocast: bool, reduction: str
+) -> None:
+    """The fused lm_head + loss (forced into 5 chunks) gives the loss and gradients of the plain path."""
+    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", {"cpu": 13 * V, "default": 13 * V})
+    m = model_of(tiny("llama", n_kv_head=2))
+    idx, targets = tokens(2, T), tokens(2, T, seed=2)
+    targets[1, 3:9] = -100
+
+    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = m(idx, targets, reduction=reduction)
+            else:
+                logits = m(idx)
+                assert logits.dtype == torch.float32
+                loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), reduction=reduction)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    (loss, grads), (ref_loss, ref_grads) = run(True), run(False)
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for n, g in grads.items():
+        scale = ref_grads[n].abs().max()  # bf16 gradients: compare relative to the tensor's scale
+        torch.testing.assert_close(g / scale, ref_grads[n] / scale, **tol, msg=n)
+
+
+def test_chunked_loss_without_weight_gradient() -> None:
+    """A frozen lm_head (e.g. LoRA) gets no gradient; the rest still does."""
+    m = model_of(tiny("llama"))
+    m.lm_head.weight.requires_grad_(False)
+    m(tokens(2, T), tokens(2, T, seed=2)).backward()
+    assert m.lm_head.weight.grad is None and m.norm_f.weight.grad is not None
 
 
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])

@@ -41,9 +41,7 @@ def generate(
     `seed` makes sampling reproducible. `use_cache=False` recomputes every sequence from scratch at each
     step: slow, it is the reference the cached path is tested against (same tokens, same random draws)."""
     outs: list[list[int]] = [[] for _ in prompts]
-    for emitted in _decode(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache
-    ):
+    for emitted in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache):
         for row, token in emitted:
             outs[row].append(token)
     return outs
@@ -65,11 +63,13 @@ def stream(
 
     The model stays in eval mode until the iterator is exhausted or closed; autograd is off only inside
     each step, never while the caller's code runs between tokens."""
-    for emitted in _decode(
-        model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache
-    ):
-        for _, token in emitted:
-            yield token
+    steps = _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache)
+    try:
+        for emitted in steps:
+            for _, token in emitted:
+                yield token
+    finally:  # closing this iterator early closes the decoder now (restoring the training mode)
+        steps.close()
 
 
 def _decode(
