@@ -78,8 +78,8 @@ class PretrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(  # ≈1.5 M parameters with a 4k vocabulary: learns in minutes on 2 CPU cores
         depth=4, aspect=32, head_dim=32, flavour="llama", kv_groups=1, seq_len=256,
-        batch_size=16, batch_tokens=8192, max_steps=600, warmup_steps=50,
-        eval_every=100, sample_every=300, ckpt_every=100, dtype="auto",
+        batch_size=32, batch_tokens=8192, max_steps=400, warmup_steps=40,
+        eval_every=100, sample_every=200, ckpt_every=100, dtype="auto",
     ),
     "cpu-small": dict(  # ≈14 M parameters with an 8k vocabulary: an hour-scale CPU run
         depth=6, aspect=64, head_dim=64, flavour="llama", kv_groups=1, seq_len=512,
