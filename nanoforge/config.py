@@ -68,7 +68,7 @@ class PretrainConfig:
     eval_batches: int = 8
     sample_every: int | None = None
     sample_tokens: int = 64
-    sample_prompts: list[str] = field(default_factory=lambda: ["Help on module", "def "])
+    sample_prompts: list[str] = field(default_factory=lambda: [""])  # "" = unconditional
     ckpt_every: int | None = None
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     seed: int = 0

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import io
 import multiprocessing as mp
+import os
 import platform
 import re
 import sys
@@ -34,6 +35,12 @@ EXCLUDED = frozenset({
 })
 # The FILE section names a path on this machine; it says nothing about the module.
 _FILE_SECTION = re.compile(r"\nFILE\n    [^\n]*\n?")
+# Object reprs carry memory addresses ("<object object at 0x7f…>", "handle 7f…") that differ per run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|(?<=handle )[0-9a-fA-F]+")
+# A fixed environment for the rendering processes: pages such as os.environ or cgi.FieldStorage print
+# the environment, which must neither leak into a corpus (it may hold secrets) nor make it vary.
+_CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/user", "LANG": "C.UTF-8"}
+_ORIGINAL_HOME = os.path.expanduser("~")
 
 
 @dataclass
@@ -57,8 +64,33 @@ def stdlib_modules() -> list[str]:
     return sorted(n for n in names if not n.startswith("_") and n not in EXCLUDED)
 
 
+def _machine_paths() -> list[tuple[str, str]]:
+    """Paths of this installation and checkout, longest first, with the placeholder that replaces each."""
+    pairs = {sys.prefix: "<prefix>", sys.exec_prefix: "<prefix>", sys.base_prefix: "<python>",
+             os.getcwd(): "<cwd>", str(Path(__file__).resolve().parents[2]): "<src>",
+             _ORIGINAL_HOME: "<home>"}
+    # directories the documentation itself names in examples ("/tmp/myimport.zip") stay as they are
+    generic = {"/", "/tmp", "/var/tmp", "/usr", "/usr/local", "/home", "/opt", "/srv"}
+    return sorted(((p, r) for p, r in pairs.items() if p.rstrip("/") and p.rstrip("/") not in generic),
+                  key=lambda pr: -len(pr[0]))
+
+
+def _sanitize_process() -> None:
+    """Run in each rendering process before any module is rendered (see _CLEAN_ENV)."""
+    global _ORIGINAL_HOME
+    _ORIGINAL_HOME = os.path.expanduser("~")  # already baked into e.g. site.USER_BASE
+    os.environ.clear()
+    os.environ.update(_CLEAN_ENV)
+    sys.argv = ["python"]
+    sys.orig_argv = ["python"]
+
+
 def render_module(name: str) -> str | None:
-    """pydoc's plain-text page for module `name`, or None if it cannot be imported here."""
+    """pydoc's plain-text page for module `name`, or None if it cannot be imported here.
+
+    Call it in a process prepared by `_sanitize_process`; machine-specific paths and memory addresses
+    are replaced by placeholders, so the page is the same on every run of the same Python.
+    """
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -68,7 +100,10 @@ def render_module(name: str) -> str | None:
             text = pydoc.render_doc(module, renderer=pydoc.plaintext)
     except BaseException:  # ImportError, platform-specific modules, SystemExit from odd imports
         return None
-    return _FILE_SECTION.sub("\n", text).strip() + "\n"
+    text = _ADDRESS.sub("", _FILE_SECTION.sub("\n", text))
+    for path, placeholder in _machine_paths():
+        text = text.replace(path, placeholder)
+    return text.strip() + "\n"
 
 
 def _render_many(names: list[str]) -> list[tuple[str, str | None]]:
@@ -86,7 +121,8 @@ def build_corpus(cfg: CorpusConfig, out: Path) -> dict:
     chunks = [names[i::max(1, cfg.workers * 4)] for i in range(max(1, cfg.workers * 4))]
     rendered: dict[str, str | None] = {}
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx,
+                             initializer=_sanitize_process) as pool:
         bar = tqdm(total=len(names), desc="pydoc", unit="mod", leave=False)
         for part in pool.map(_render_many, [c for c in chunks if c]):
             rendered.update(part)

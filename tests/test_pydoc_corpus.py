@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus, stdlib_modules
+
+# modules whose pages print the environment, paths of this installation or object addresses
+LEAKY = ["os", "cgi", "sys", "site", "collections", "shutil", "platform", "json"]
+
+
+def _texts(out: Path) -> dict[str, str]:
+    t = pq.read_table(next(out.glob("*.parquet"))).to_pydict()
+    return dict(zip(t["id"], t["text"], strict=True))
+
+
+def test_corpus_leaks_no_environment_and_is_the_same_from_anywhere(tmp_path):
+    modules = [m for m in LEAKY if m in stdlib_modules()]
+    code = ("import sys; from pathlib import Path; from nanoforge.data.pydoc_corpus import *; "
+            f"build_corpus(CorpusConfig(modules={modules!r}, workers=1), Path(sys.argv[1]))")
+    src = str(Path(__file__).resolve().parents[1])
+    outs = []
+    for i, secret in enumerate(["canary-value-31337", "another-canary-4242"]):
+        cwd = tmp_path / f"cwd{i}"
+        cwd.mkdir()
+        env = {**os.environ, "NANOFORGE_TEST_SECRET": secret, "PYTHONPATH": src}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"out{i}")], cwd=cwd, env=env, check=True,
+                       capture_output=True)
+        texts = _texts(tmp_path / f"out{i}")
+        assert set(texts) == set(modules)
+        joined = "\n".join(texts.values())
+        assert secret not in joined and "NANOFORGE_TEST_SECRET" not in joined
+        assert " at 0x" not in joined and str(cwd) not in joined
+        outs.append(texts)
+    assert outs[0] == outs[1]
+
+
+def test_corpus_documents_are_pydoc_pages(tmp_path):
+    m = build_corpus(CorpusConfig(modules=["json", "no_such_module_xyz"], workers=1), tmp_path / "c")
+    texts = _texts(tmp_path / "c")
+    assert list(texts) == ["json"] and texts["json"].startswith("Python Library Documentation: package json")
+    assert "FUNCTIONS" in texts["json"] and "dumps(" in texts["json"]
+    assert m["figures"]["modules_skipped"] == ["no_such_module_xyz"] and m["figures"]["documents"] == 1
