@@ -1,7 +1,8 @@
 """Training-step throughput: nanoforge's GPT (llama flavour) vs `transformers`' LlamaForCausalLM of the same
 shape, in the same process, fp32 and bf16 autocast, forward + backward + fused AdamW step.
 
-    python benchmarks/bench_train.py                   # CPU, default shape, fp32 and bf16
+    python benchmarks/bench_train.py                   # CPU, the cpu-tiny shape, fp32 and bf16
+    python benchmarks/bench_train.py --vocab 8192 --d-model 384 --layers 6 --heads 6 --kv-heads 2 --batch 8
     python benchmarks/bench_train.py --quick           # tiny shape, few steps: a smoke test (< 30 s)
     python benchmarks/bench_train.py --compile         # also torch.compile both models
     python benchmarks/bench_train.py --device cuda --dtypes bf16 --compile --batch 32 --seq-len 1024
@@ -38,14 +39,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=384)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--kv-heads", type=int, default=2)
+    # defaults: the cpu-tiny preset's model and micro-batch, the model `make demo` trains
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--mlp-hidden", type=int, default=None, help="default: 8/3·d rounded up to 64")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (default: both on CPU, bf16 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model (after compiling)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")

@@ -113,3 +113,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "huge"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "huge" in err
+
+
+def test_sample_command_continues_the_prompt_reproducibly(tiny_tokens, tmp_path, capsys):
+    from nanoforge.cli import main
+
+    out = tmp_path / "model"
+    pretrain(tiny_pretrain_config(max_steps=20), tiny_tokens, out)
+    args = ["sample", "--model", str(out), "--prompt", "Return the", "--max-new-tokens", "12", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("Return the") and len(first) > len("Return the")
+    assert main([*args[:-1], "4", "--num-samples", "2", "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out.split("--- sample 2\n")
+    assert greedy[0].removeprefix("--- sample 1\n") == greedy[1]  # greedy: both samples agree
+    assert main(["sample", "--model", str(out), "--max-new-tokens", "0"]) == 2
