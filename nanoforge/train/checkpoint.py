@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from nanoforge.artifacts import atomic_dir, atomic_write_json, atomic_write_text
+from nanoforge.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, ModelConfig
 
@@ -75,9 +75,8 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 def save_model_artifact(model: GPT, out: Path, *, tokenizer_dir: Path | None, extra: dict | None = None) -> None:
     """Write model.safetensors + config.json (+ tokenizer files) into the existing directory `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(model_state(model), str(tmp), metadata={"format": "pt", "producer": "nanoforge"})
-    tmp.replace(out / "model.safetensors")
+    blob = save(model_state(model), metadata={"format": "pt", "producer": "nanoforge"})
+    atomic_write_bytes(out / "model.safetensors", blob)
     atomic_write_json(out / "config.json", {"model": model.cfg.to_dict(), **(extra or {})})
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
