@@ -85,8 +85,9 @@ def _sanitize_process() -> None:
     sys.orig_argv = ["python"]
 
 
-def render_module(name: str) -> str | None:
-    """pydoc's plain-text page for module `name`, or None if it cannot be imported here.
+def render_module(name: str, fmt: str = "text") -> str | None:
+    """pydoc's page for module `name` as plain text (`fmt="text"`) or an HTML page (`fmt="html"`), or
+    None if the module cannot be imported here.
 
     Call it in a process prepared by `_sanitize_process`; machine-specific paths and memory addresses
     are replaced by placeholders, so the page is the same on every run of the same Python.
@@ -97,37 +98,51 @@ def render_module(name: str) -> str | None:
             import pydoc
 
             module = importlib.import_module(name)
-            text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+            if fmt == "html":
+                text = pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name))
+            else:
+                text = _FILE_SECTION.sub("\n", pydoc.render_doc(module, renderer=pydoc.plaintext))
     except BaseException:  # ImportError, platform-specific modules, SystemExit from odd imports
         return None
-    text = _ADDRESS.sub("", _FILE_SECTION.sub("\n", text))
+    text = _ADDRESS.sub("", text)
     for path, placeholder in _machine_paths():
         text = text.replace(path, placeholder)
     return text.strip() + "\n"
 
 
-def _render_many(names: list[str]) -> list[tuple[str, str | None]]:
-    return [(n, render_module(n)) for n in names]
+def _render_many(names: list[str], fmt: str = "text") -> list[tuple[str, str | None]]:
+    return [(n, render_module(n, fmt)) for n in names]
 
 
-def build_corpus(cfg: CorpusConfig, out: Path) -> dict:
-    """The `corpus` stage: render the modules and write Parquet document shards to `out`."""
+def render_modules(names: list[str], workers: int, fmt: str = "text") -> dict[str, str | None]:
+    """Render many modules in sanitized child processes (imports have side effects), with a progress bar."""
+    n_chunks = max(1, workers * 4)
+    chunks = [c for c in (names[i::n_chunks] for i in range(n_chunks)) if c]
+    rendered: dict[str, str | None] = {}
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_sanitize_process) as pool:
+        bar = tqdm(total=len(names), desc="pydoc", unit="mod", leave=False)
+        for part in pool.map(_render_many, chunks, [fmt] * len(chunks)):
+            rendered.update(part)
+            bar.update(len(part))
+        bar.close()
+    return rendered
+
+
+def selected_modules(cfg: CorpusConfig) -> list[str]:
     names = cfg.modules or stdlib_modules()
     if cfg.max_modules is not None:
         names = names[: cfg.max_modules]
     if not names:
         raise NanoforgeError("corpus: no modules selected")
+    return names
+
+
+def build_corpus(cfg: CorpusConfig, out: Path) -> dict:
+    """The `corpus` stage: render the modules as plain text and write Parquet document shards to `out`."""
+    names = selected_modules(cfg)
     t0 = time.time()
-    chunks = [names[i::max(1, cfg.workers * 4)] for i in range(max(1, cfg.workers * 4))]
-    rendered: dict[str, str | None] = {}
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx,
-                             initializer=_sanitize_process) as pool:
-        bar = tqdm(total=len(names), desc="pydoc", unit="mod", leave=False)
-        for part in pool.map(_render_many, [c for c in chunks if c]):
-            rendered.update(part)
-            bar.update(len(part))
-        bar.close()
+    rendered = render_modules(names, cfg.workers)
     docs = [
         Document(id=n, text=rendered[n], url=f"pydoc:{n}", source="python-stdlib-pydoc")
         for n in names if rendered.get(n)
