@@ -1,7 +1,9 @@
 """The one entry point, `nanoforge <stage> …`: each subcommand parses its flags and calls one stage.
 
     nanoforge demo                                   # the whole path on the built-in config
-    nanoforge corpus --out docs/                     # the embedded corpus (pydoc of the stdlib)
+    nanoforge site --out site/                       # the embedded web site (stdlib docs as HTML)
+    nanoforge crawl http://127.0.0.1:8000/ --out crawl/   # WARC files (`nanoforge site --serve site/`)
+    nanoforge extract crawl/ --out docs/             # main text → Parquet documents
     nanoforge tokenizer train docs/ --vocab-size 4096 --out tok/
     nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
     nanoforge pretrain --data tokens/ --out model/ --preset cpu-tiny
@@ -55,7 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="run config (see nanoforge/configs/demo.toml)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
 
-    p = sub.add_parser("corpus", help="write the embedded corpus (pydoc of the Python stdlib) as documents")
+    p = sub.add_parser("site", help="build (or --serve) the embedded web site: the stdlib docs as HTML pages")
+    p.add_argument("--out", type=Path, help="directory to write the static site into")
+    p.add_argument("--serve", type=Path, metavar="DIR", help="serve a built site on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--port", type=int, default=0, help="port for --serve (default: a free one)")
+    p.add_argument("--modules", help="comma-separated module names (default: the whole stdlib)")
+    p.add_argument("--workers", type=int, default=2)
+
+    p = sub.add_parser("crawl", help="crawl web pages politely into WARC files",
+                       description="An asynchronous crawler that obeys robots.txt, stays in the allowed domains, "
+                                   "rate-limits per host and records every exchange as WARC 1.1 (gzip per record). "
+                                   "Run the same command again to resume a stopped crawl.")
+    p.add_argument("urls", nargs="+", metavar="URL", help="seed URLs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-pages", type=int)
+    p.add_argument("--max-depth", type=int)
+    p.add_argument("--allow-domain", action="append", dest="allow_domains", metavar="DOMAIN",
+                   help="stay within these hosts and their subdomains (default: the seeds' hosts)")
+    p.add_argument("--delay", type=float, help="seconds between requests to one host (robots Crawl-delay wins)")
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--user-agent")
+    p.add_argument("--sitemaps", action="store_true", default=None, help="also start from the sites' sitemaps")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("extract", help="extract the main text of WARC/WET/HTML/JSONL/Parquet into documents",
+                       description="Read WARC and WARC.gz (ours and Common Crawl's), WET, folders of HTML files, "
+                                   "JSONL and Parquet; extract the main text of HTML pages; write Parquet "
+                                   "document shards. Bad records are counted by reason and skipped.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--extractor", choices=["resiliparse", "trafilatura"])
+    p.add_argument("--workers", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("corpus", help="write the stdlib docs (pydoc plain text) directly as documents, no crawl")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--modules", help="comma-separated module names (default: the whole stdlib)")
     p.add_argument("--max-modules", type=int)
@@ -165,6 +200,44 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(text)
 
 
+def cmd_site(args: argparse.Namespace) -> None:
+    from nanoforge.data.docsite import build_site, serve_site
+    from nanoforge.data.pydoc_corpus import CorpusConfig
+
+    if args.serve:
+        with serve_site(args.serve, port=args.port) as url:
+            print(f"serving {args.serve} at {url} (Ctrl-C to stop)", flush=True)
+            import threading
+
+            threading.Event().wait()
+    if not args.out:
+        raise NanoforgeError("site: give --out DIR to build a site or --serve DIR to serve one")
+    cfg = CorpusConfig(modules=[m for m in (args.modules or "").split(",") if m], workers=args.workers)
+    f = build_site(cfg, args.out)["figures"]
+    print(f"{f['pages']} pages ({f['bytes'] / 1e6:.1f} MB) written to {args.out}")
+
+
+def cmd_crawl(args: argparse.Namespace) -> None:
+    from nanoforge.config import build, parse_sets
+    from nanoforge.data.crawl import CrawlConfig, crawl
+
+    values = {**parse_sets(args.set), "seeds": args.urls,
+              **_overrides(args, ["max_pages", "max_depth", "allow_domains", "delay", "concurrency",
+                                  "user_agent", "sitemaps"])}
+    f = crawl(build(CrawlConfig, values, "crawl"), args.out)["figures"]
+    print(f"crawl written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in f.items() if not isinstance(v, dict)))
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from nanoforge.config import build, parse_sets
+    from nanoforge.data.extract import ExtractConfig, extract
+
+    values = {**parse_sets(args.set), **_overrides(args, ["extractor", "workers"])}
+    f = extract(build(ExtractConfig, values, "extract"), args.inputs, args.out)["figures"]
+    print(f"documents written to {args.out}: "
+          + ", ".join(f"{k} {v}" for k, v in f.items() if not isinstance(v, dict)))
+
+
 def cmd_corpus(args: argparse.Namespace) -> None:
     from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
 
@@ -213,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "pretrain": cmd_pretrain, "tokenize": cmd_tokenize, "sample": cmd_sample, "corpus": cmd_corpus,
         "run": cmd_run, "demo": lambda a: cmd_run(a, demo=True), "presets": cmd_presets,
-        "tokenizer": cmd_tokenizer_train,
+        "tokenizer": cmd_tokenizer_train, "site": cmd_site, "crawl": cmd_crawl, "extract": cmd_extract,
     }
     try:
         handlers[args.command](args)

@@ -10,6 +10,7 @@ A pretraining stage that was killed part-way resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from typing import Any
 from nanoforge.artifacts import input_hash, read_manifest, to_jsonable
 from nanoforge.config import PretrainConfig, build, load_toml, resolve_pretrain
 from nanoforge.console import info
-from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
+from nanoforge.data.crawl import CrawlConfig, crawl
+from nanoforge.data.docsite import build_site, serve_site
+from nanoforge.data.extract import ExtractConfig, extract
+from nanoforge.data.pydoc_corpus import CorpusConfig
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.sample import SampleConfig
 from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
@@ -33,13 +37,15 @@ from nanoforge.train.loop import pretrain
 class RunConfig:
     name: str = "run"
     root: str = "runs"
-    docs: str | None = None  # use these documents instead of building the embedded corpus
+    docs: str | None = None  # use these documents instead of crawling the embedded docs site
 
 
 @dataclass
 class PipelineConfig:
     run: RunConfig
-    corpus: CorpusConfig
+    site: CorpusConfig
+    crawl: CrawlConfig
+    extract: ExtractConfig
     tokenizer: TokenizerConfig
     tokenize: TokenizeConfig
     pretrain: PretrainConfig
@@ -50,7 +56,8 @@ class PipelineConfig:
         return Path(self.run.root) / self.run.name
 
 
-SECTIONS = {"run": RunConfig, "corpus": CorpusConfig, "tokenizer": TokenizerConfig,
+SECTIONS = {"run": RunConfig, "site": CorpusConfig, "crawl": CrawlConfig, "extract": ExtractConfig,
+            "tokenizer": TokenizerConfig,
             "tokenize": TokenizeConfig, "pretrain": PretrainConfig, "sample": SampleConfig}
 
 
@@ -67,6 +74,7 @@ def load_pipeline_config(path: Path | str | None = None, overrides: dict[str, st
         if section not in SECTIONS or not name:
             raise NanoforgeError(f"--set {key}: expected SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
         raw.setdefault(section, {})[name] = value
+    raw.setdefault("crawl", {}).setdefault("seeds", [])  # no seeds: crawl the embedded docs site
     where = str(path or "demo config")
     return PipelineConfig(**{s: build(cls, raw.get(s, {}), f"{where} [{s}]") for s, cls in SECTIONS.items()})
 
@@ -84,19 +92,38 @@ class Stage:
     manifest_config: Callable[[Any], Any] = lambda c: c
 
 
+def _run_crawl(p: PipelineConfig, ins: dict[str, Path], out: Path, _: bool) -> dict:
+    """Crawl the configured seeds, or (none given) the embedded docs site served on a free local port."""
+    if p.crawl.seeds:  # the site is still recorded as an input: the pipeline's stages form one chain
+        return crawl(p.crawl, out, inputs={"site": ins["site"]})
+    if out.exists():  # a local crawl cut short: the site gets a new port, so start it again (seconds)
+        shutil.rmtree(out)
+    with serve_site(ins["site"]) as url:
+        return crawl(dataclasses.replace(p.crawl, seeds=[url]), out, inputs={"site": ins["site"]})
+
+
+def _crawl_manifest_config(cfg: CrawlConfig) -> Any:
+    """The local site's URL (its port) changes from run to run; it does not make a crawl stale."""
+    return cfg if cfg.seeds else {k: v for k, v in to_jsonable(cfg).items() if k != "seeds"}
+
+
 def _run_pretrain(p: PipelineConfig, ins: dict[str, Path], out: Path, resume: bool) -> dict:
     return pretrain(p.pretrain, ins["tokens"], out, resume=resume, tokenizer=ins["tokenizer"])
 
 
 STAGES = [
-    Stage("corpus", [], lambda p: p.corpus, lambda p, ins, out, _: build_corpus(p.corpus, out)),
-    Stage("tokenizer", ["corpus"], lambda p: p.tokenizer,
-          lambda p, ins, out, _: train_tokenizer(p.tokenizer, ins["corpus"], out)),
-    Stage("tokens", ["corpus", "tokenizer"], lambda p: p.tokenize,
-          lambda p, ins, out, _: tokenize(p.tokenize, ins["corpus"], ins["tokenizer"], out)),
+    Stage("site", [], lambda p: p.site, lambda p, ins, out, _: build_site(p.site, out)),
+    Stage("crawl", ["site"], lambda p: p.crawl, _run_crawl, manifest_config=_crawl_manifest_config),
+    Stage("extract", ["crawl"], lambda p: p.extract,
+          lambda p, ins, out, _: extract(p.extract, [ins["crawl"]], out)),
+    Stage("tokenizer", ["extract"], lambda p: p.tokenizer,
+          lambda p, ins, out, _: train_tokenizer(p.tokenizer, ins["extract"], out)),
+    Stage("tokens", ["extract", "tokenizer"], lambda p: p.tokenize,
+          lambda p, ins, out, _: tokenize(p.tokenize, ins["extract"], ins["tokenizer"], out)),
     Stage("pretrain", ["tokens", "tokenizer"], lambda p: p.pretrain, _run_pretrain,
           manifest_config=resolve_pretrain),
 ]
+CORPUS_STAGES = ("site", "crawl", "extract")  # replaced by `[run] docs` when the user brings documents
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -108,7 +135,9 @@ def is_current(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bo
     m = read_manifest(out)
     if m is None or m.get("stage") != stage.name:
         return False
-    if m.get("config") != to_jsonable(stage.manifest_config(cfg)):
+    expected = to_jsonable(stage.manifest_config(cfg))
+    saved = {k: v for k, v in m.get("config", {}).items() if k in expected}
+    if saved != expected:
         return False
     recorded = sorted(v.get("hash", "") for v in m.get("inputs", {}).values())
     return recorded == sorted(input_hash(p) for p in inputs.values())
@@ -121,9 +150,10 @@ def run_pipeline(p: PipelineConfig, *, only: list[str] | None = None) -> dict[st
     outputs: dict[str, Path] = {}
     for i, stage in enumerate(STAGES):
         out = stage_dir(run_dir, i, stage.name)
-        if stage.name == "corpus" and p.run.docs:
-            outputs["corpus"] = Path(p.run.docs)
-            info(f"[{stage.name}] using documents from {p.run.docs}")
+        if stage.name in CORPUS_STAGES and p.run.docs:
+            if stage.name == "extract":
+                outputs["extract"] = Path(p.run.docs)
+                info(f"[corpus] using documents from {p.run.docs}")
             continue
         ins = {k: outputs[k] for k in stage.inputs}
         cfg = stage.config(p)
@@ -162,8 +192,10 @@ def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:
     lines = [f"run {p.run_dir}"]
     for name, out in outputs.items():
         f = (read_manifest(out) or {}).get("figures", {})
-        if name == "corpus":
-            lines.append(f"  corpus     {f.get('documents', '?')} documents, {f.get('bytes', 0) / 1e6:.1f} MB")
+        if name in CORPUS_STAGES:
+            scalars = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            lines.append(f"  {name:<10} " + ", ".join(scalars[:7]))
         elif name == "tokenizer":
             lines.append(f"  tokenizer  {f.get('kind')} vocab {f.get('vocab_size')}, "
                          f"{f.get('bytes_per_token', float('nan')):.2f} bytes/token held out")

@@ -1,8 +1,9 @@
 """The Document record and document-shard I/O.
 
-Documents live in Parquet shards with columns `id, text, url, source` (DESIGN.md §1). Every stage that
-reads documents accepts DOCS as a directory or a single file of Parquet shards, JSONL (a `text` field
-per line) or plain `.txt` (one document per file):
+Documents live in Parquet shards with columns `id, text, url, source` (DESIGN.md §1), plus any string
+metadata columns a stage adds (`extract` adds `fetch_date, content_hash, language, extractor`); those
+come back in `Document.meta`. Every stage that reads documents accepts DOCS as a directory or a single
+file of Parquet shards, JSONL (a `text` field per line) or plain `.txt` (one document per file):
 
     for doc in iter_documents("runs/demo/01-corpus"):
         print(doc.id, len(doc.text))
@@ -11,8 +12,8 @@ per line) or plain `.txt` (one document per file):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,9 +22,8 @@ import pyarrow.parquet as pq
 from nanoforge.errors import NanoforgeError
 
 DOC_SUFFIXES = (".parquet", ".jsonl", ".txt")
-SCHEMA = pa.schema(
-    [("id", pa.string()), ("text", pa.string()), ("url", pa.string()), ("source", pa.string())]
-)
+CORE_COLUMNS = ("id", "text", "url", "source")
+SCHEMA = pa.schema([(name, pa.string()) for name in CORE_COLUMNS])
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Document:
     text: str
     url: str = ""
     source: str = ""
+    # string metadata (fetch date, content hash, language, …): extra Parquet columns, "" where unknown
+    meta: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 def list_document_files(path: Path | str) -> list[Path]:
@@ -58,15 +60,17 @@ def _read_parquet(path: Path) -> Iterator[Document]:
     names = set(pf.schema_arrow.names)
     if "text" not in names:
         raise NanoforgeError(f"{path}: Parquet file has no 'text' column")
-    cols = [c for c in ("id", "text", "url", "source") if c in names]
+    cols = [c for c in CORE_COLUMNS if c in names]
+    meta_cols = [f.name for f in pf.schema_arrow if f.name not in CORE_COLUMNS and pa.types.is_string(f.type)]
     row = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=1024):
+    for batch in pf.iter_batches(columns=cols + meta_cols, batch_size=1024):
         d = batch.to_pydict()
         for i, text in enumerate(d["text"]):
             if text is not None:
                 doc_id = d["id"][i] if "id" in d else f"{path.stem}:{row}"
                 yield Document(str(doc_id), text, (d.get("url") or [""] * (i + 1))[i] or "",
-                               (d.get("source") or [""] * (i + 1))[i] or "")
+                               (d.get("source") or [""] * (i + 1))[i] or "",
+                               {c: d[c][i] or "" for c in meta_cols})
             row += 1
 
 
@@ -111,11 +115,16 @@ def read_texts(path: Path | str) -> list[str]:
 
 
 def write_document_shards(docs: Iterable[Document], out: Path, *, shard_bytes: int = 64 << 20,
-                          prefix: str = "docs") -> dict[str, int]:
+                          prefix: str = "docs", meta_columns: Sequence[str] = ()) -> dict[str, int]:
     """Write documents as `prefix-00000.parquet`, … (zstd) into the existing directory `out`.
 
+    `meta_columns` become string columns after the core four, from each document's `meta` ("" if absent).
     Returns counts: documents, bytes (UTF-8 text), shards.
     """
+    clash = set(meta_columns) & set(CORE_COLUMNS)
+    if clash:
+        raise NanoforgeError(f"meta column(s) {', '.join(sorted(clash))} would shadow a core document column")
+    schema = pa.schema([*SCHEMA, *((name, pa.string()) for name in meta_columns)])
     out.mkdir(parents=True, exist_ok=True)
     buf: list[Document] = []
     size = n_docs = n_bytes = shard = 0
@@ -124,9 +133,11 @@ def write_document_shards(docs: Iterable[Document], out: Path, *, shard_bytes: i
         nonlocal buf, size, shard
         if not buf:
             return
-        table = pa.Table.from_pydict(
-            {"id": [d.id for d in buf], "text": [d.text for d in buf],
-             "url": [d.url for d in buf], "source": [d.source for d in buf]}, schema=SCHEMA)
+        columns = {"id": [d.id for d in buf], "text": [d.text for d in buf],
+                   "url": [d.url for d in buf], "source": [d.source for d in buf]}
+        for name in meta_columns:
+            columns[name] = [d.meta.get(name, "") for d in buf]
+        table = pa.Table.from_pydict(columns, schema=schema)
         pq.write_table(table, out / f"{prefix}-{shard:05d}.parquet", compression="zstd")
         shard += 1
         buf, size = [], 0

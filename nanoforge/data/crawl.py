@@ -1,0 +1,957 @@
+"""The web crawler: seed URLs → WARC 1.1 files holding every HTTP exchange; polite, bounded and resumable.
+
+    nanoforge crawl https://docs.python.org/3/ --out runs/web/crawl --max-pages 500 --max-depth 3
+    nanoforge crawl https://example.org/ --out crawl --allow-domain example.org --delay 1 --sitemaps
+
+`crawl(cfg, out)` writes into `out/`:
+
+- `crawl-00000.warc.gz`, …: WARC 1.1, one gzip member per record. A `warcinfo` record opens each file; then a
+  `request` and a `response` record for every exchange (pages, redirects, errors, robots.txt, sitemaps), linked
+  both ways by `WARC-Concurrent-To`, with block and payload digests. Files rotate at about `warc_max_bytes`.
+- `crawl-state.jsonl`, the journal: one line per exchange or decision, appended only after the exchange's records
+  are in the WARC file and fsynced, with that file's new end offset and the URLs the exchange added to the frontier.
+  Started again with the same command, a stopped crawl (Ctrl-C, SIGKILL, power loss) replays it: frontier and
+  counts come back, URLs that were in flight are queued again, and each WARC file is cut back to the last record
+  the journal knows, so no finished URL is fetched twice and every file reads to its end.
+- `manifest.json`, written last (and removed while a crawl runs), with the figures.
+
+How it runs: `concurrency` asyncio workers share one aiohttp session. A worker takes the host whose next request
+is due soonest: a host's requests start at least `delay` apart (its robots.txt Crawl-delay if larger), and its
+first request is its robots.txt (RFC 9309, parsed by protego; 4xx allows all, 5xx or unreachable disallows all).
+Redirects are not followed by aiohttp but by the crawler: each hop is recorded, and the target is admitted like a
+link (domain, loop, hop limit; robots when it is dispatched). Bodies are streamed and cut at `max_page_bytes`;
+only HTML is downloaded. Links are parsed and WARC records made on the event loop (in a thread for big bodies);
+one writer thread appends them to the files with group commit: one fsync, then the batch's journal lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import functools
+import html
+import json
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from importlib import metadata
+from io import BytesIO
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import aiohttp
+from protego import Protego
+from tqdm import tqdm
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.timeutils import datetime_to_iso_date
+from warcio.warcwriter import WARCWriter
+from yarl import URL
+
+from nanoforge import __version__
+from nanoforge.artifacts import MANIFEST, write_manifest
+from nanoforge.console import info
+from nanoforge.errors import NanoforgeError
+
+JOURNAL = "crawl-state.jsonl"
+_WARC_NAME = re.compile(r"crawl-(\d{5,})\.warc\.gz")
+MAX_REDIRECTS = 10  # hops followed from one URL; more is counted "too-many-redirects"
+ROBOTS_MAX_REDIRECTS = 5  # RFC 9309 §2.3.1.2: follow at least five
+ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 §2.5: parse at least 500 KiB
+MAX_SITEMAP_NESTING = 1  # a sitemap index may list sitemaps; theirs are not followed
+BACKOFF_S = 0.5  # first retry waits this long, then doubles; a Retry-After (capped) wins if longer
+MAX_RETRY_AFTER_S = 60.0
+INLINE_BYTES = 256 << 10  # bodies up to this size are parsed and turned into WARC records on the event loop
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# Links ending so are not HTML: skipped before any request is made.
+NON_HTML_EXTENSIONS = frozenset(
+    "7z aac apk avi bin bmp bz2 css csv deb dmg doc docx eot epub exe flac gif gz ico iso jar jpeg jpg js json m4a "
+    "mkv mov mp3 mp4 mpeg mpg msi odt ogg otf pdf png ppt pptx ps rar rpm rss svg swf tar tgz tif tiff ttf txt wav "
+    "webm webp wmv woff woff2 xls xlsx xml xz zip".split()
+)
+# WHATWG MIME sniffing's "binary data bytes": text never has them, so an "HTML" body that does is not HTML.
+_BINARY_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C, 0x20)])
+T = TypeVar("T")
+_HAS_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:")
+_SITEMAP_LOC = re.compile(rb"<loc>\s*(.*?)\s*</loc>", re.S | re.I)
+
+
+@dataclass
+class CrawlConfig:
+    """What `nanoforge crawl` fetches, how fast, and how much."""
+
+    seeds: list[str]  # start URLs
+    max_pages: int = 1000  # HTML pages fetched successfully (2xx), at most
+    max_depth: int = 5  # link hops from a seed
+    allow_domains: list[str] = field(default_factory=list)  # hosts (and subdomains) to stay in; [] = the seeds'
+    delay: float = 0.5  # min seconds between request starts to one host; robots Crawl-delay wins if larger
+    concurrency: int = 8  # requests in flight overall
+    user_agent: str = "nanoforge-crawler/0.1"
+    sitemaps: bool = False  # also seed from the seed hosts' robots.txt Sitemap: lines, else /sitemap.xml
+    max_page_bytes: int = 5 << 20  # larger bodies are cut off and recorded as truncated (WARC-Truncated: length)
+    timeout: float = 20.0  # per request (connect + headers + body), seconds
+    retries: int = 3  # for transient errors (connection errors, timeouts, 429, 5xx), with exponential backoff
+    warc_max_bytes: int = 100 << 20  # rotate WARC files at about this size
+
+
+# ------------------------------------------------------------------------------------------------ URLs
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4: '/a/./b/../c' → '/a/c' (a trailing '.' or '..' leaves the trailing slash)."""
+    segments = path.split("/")
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg in (".", ".."):
+            if seg == ".." and len(out) > 1:
+                out.pop()
+            if last:
+                out.append("")
+            continue
+        out.append(seg)
+    return "/".join(out)
+
+
+def normalize_url(url: str, base: str | None = None) -> str | None:
+    """The crawler's key for a URL (resolved against `base`), or None if it is not an http(s) URL.
+
+    Drops the fragment and any user info, lowercases scheme and host (IDNA-encoded), removes the default port,
+    resolves '.' and '..', percent-encodes what must be, keeps the query: 'HTTP://Ex.org:80/a/../b?q#f' →
+    'http://ex.org/b?q'.
+    """
+    url = url.strip().replace("\t", "").replace("\n", "").replace("\r", "")  # as browsers do (WHATWG URL)
+    try:
+        parts = urlsplit(urljoin(base, url) if base and not _HAS_SCHEME.match(url) else url)
+        port = parts.port
+        host = parts.hostname
+        if host and not host.isascii():
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host:
+        return None
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
+    path = quote(_remove_dot_segments(parts.path), safe="/%!$&'()*+,;=:@~") or "/"
+    query = quote(parts.query, safe="/?%!$&'()*+,;=:@~")
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+_normalize_cached = functools.lru_cache(maxsize=1 << 16)(normalize_url)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _in_domains(url: str, domains: list[str]) -> bool:
+    host = urlsplit(url).hostname or ""
+    return any(host == d or host.endswith("." + d) for d in domains)
+
+
+def _has_non_html_extension(url: str) -> bool:
+    name = urlsplit(url).path.rsplit("/", 1)[-1]
+    return "." in name and name.rsplit(".", 1)[1].lower() in NON_HTML_EXTENSIONS
+
+
+# --------------------------------------------------------------------------------------------- content
+
+
+class _LinkParser(HTMLParser):
+    """Collects link targets (a/area href, frame/iframe src) and the first <base href>."""
+
+    _ATTRS = {"a": "href", "area": "href", "frame": "src", "iframe": "src", "base": "href"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.links: list[str] = []
+        self.base: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        name = self._ATTRS.get(tag)
+        value = dict(attrs).get(name) if name else None
+        if value is None:
+            return
+        if tag != "base":
+            self.links.append(value)
+        elif self.base is None:
+            self.base = value
+
+
+def extract_links(body: bytes, charset: str, url: str) -> tuple[list[str], str]:
+    """The links of an HTML page as written, and the URL to resolve them against (its <base href> or `url`)."""
+    parser = _LinkParser()
+    parser.feed(body.decode(charset, errors="replace"))
+    parser.close()
+    return parser.links, urljoin(url, parser.base) if parser.base else url
+
+
+def _looks_binary(body: bytes) -> bool:
+    head = body[:1024]
+    if head.startswith((b"\xfe\xff", b"\xff\xfe", b"\xef\xbb\xbf")):  # UTF-16/UTF-8 byte order marks: text
+        return False
+    return len(head.translate(None, _BINARY_BYTES)) != len(head)
+
+
+def _sitemap_locs(body: bytes, max_bytes: int) -> tuple[list[str], bool]:
+    """(the <loc> URLs of a sitemap, whether it is a sitemap index); gzipped sitemaps are inflated (capped)."""
+    if body[:2] == b"\x1f\x8b":
+        try:
+            body = zlib.decompressobj(wbits=31).decompress(body, max_bytes)
+        except zlib.error:
+            return [], False
+    locs = [html.unescape(m.decode("utf-8", errors="replace")) for m in _SITEMAP_LOC.findall(body)]
+    return locs, b"<sitemapindex" in body
+
+
+def _charset(content_type: str | None) -> str:
+    for param in (content_type or "").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            try:
+                return codecs.lookup(value.strip().strip("\"'")).name
+            except LookupError:
+                break
+    return "utf-8"
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+
+
+@dataclass
+class _Exchange:
+    """One HTTP request and the response to it, as the WARC records will hold them."""
+
+    url: str
+    date: datetime
+    request_headers: list[tuple[str, str]]
+    version: str  # "HTTP/1.1"
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]  # as received, in order
+    content_type: str | None
+    body: bytes = b""
+    truncated: str | None = None  # WARC-Truncated reason: "length" (cut at the cap), "unspecified" (not HTML)
+
+    @property
+    def location(self) -> str | None:
+        if 300 <= self.status < 400:
+            return next((v for k, v in self.headers if k.lower() == "location"), None)
+        return None
+
+    def retry_after(self) -> float | None:
+        """Seconds to wait if this answer is transient (429, 5xx), else None."""
+        if self.status != 429 and self.status < 500:
+            return None
+        value = next((v for k, v in self.headers if k.lower() == "retry-after"), "")
+        return min(float(value), MAX_RETRY_AFTER_S) if value.strip().isdigit() else 0.0
+
+    def fields(self) -> dict[str, Any]:
+        return {"status": self.status, "bytes": len(self.body)}
+
+
+@dataclass
+class _Entry:
+    """A URL in the frontier: link hops from a seed, the redirect chain that led to it, page or sitemap."""
+
+    url: str
+    depth: int
+    via: tuple[str, ...] = ()
+    kind: str = "page"
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"url": self.url, "depth": self.depth}
+        if self.via:
+            d["via"] = list(self.via)
+        if self.kind != "page":
+            d["kind"] = self.kind
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Entry:
+        return cls(d["url"], d["depth"], tuple(d.get("via", ())), d.get("kind", "page"))
+
+
+@dataclass
+class _Host:
+    """Politeness state of one origin (scheme://host:port)."""
+
+    origin: str
+    queue: deque[_Entry] = field(default_factory=deque)
+    state: str = "new"  # new → robots (being fetched) → ready
+    rules: Protego | None = None
+    allow_all: bool = False  # without rules: robots.txt 4xx allows everything, 5xx/unreachable nothing
+    delay: float = 0.0
+    last_start: float = 0.0
+    next_time: float = 0.0
+
+    def allows(self, url: str, user_agent: str) -> bool:
+        return self.rules.can_fetch(url, user_agent) if self.rules is not None else self.allow_all
+
+    def reserve(self) -> float:
+        """Book this host's next request slot; returns its start time (monotonic)."""
+        start = max(time.monotonic(), self.next_time)
+        self.last_start, self.next_time = start, start + self.delay
+        return start
+
+    async def turn(self) -> None:
+        await asyncio.sleep(max(0.0, self.reserve() - time.monotonic()))
+
+    def back_off(self, seconds: float) -> None:
+        self.next_time = max(self.next_time, time.monotonic() + seconds)
+
+
+# --------------------------------------------------------------------------------------- WARC + journal
+
+
+_record_writers = threading.local()
+
+
+def warc_records(ex: _Exchange) -> bytes:
+    """The `request` and `response` WARC records of one exchange, each its own gzip member (warcio's writer),
+    linked both ways by WARC-Concurrent-To; warcio adds the block and payload digests."""
+    if not hasattr(_record_writers, "writer"):  # one per thread: making a WARCWriter looks up the host name
+        _record_writers.buf = BytesIO()
+        _record_writers.writer = WARCWriter(_record_writers.buf, gzip=True, warc_version="1.1")
+    buf, writer = _record_writers.buf, _record_writers.writer
+    buf.seek(0)
+    buf.truncate()
+    parts = urlsplit(ex.url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    date = datetime_to_iso_date(ex.date.replace(tzinfo=None), use_micros=True)  # warcio wants naive UTC
+    request = writer.create_warc_record(
+        ex.url, "request", warc_headers_dict={"WARC-Date": date},
+        http_headers=StatusAndHeaders(f"GET {target} HTTP/1.1", ex.request_headers, is_http_request=True))
+    response_headers = {"WARC-Date": date, "WARC-Concurrent-To": request.rec_headers.get_header("WARC-Record-ID")}
+    if ex.truncated:
+        response_headers["WARC-Truncated"] = ex.truncated
+    response = writer.create_warc_record(
+        ex.url, "response", payload=BytesIO(ex.body), length=len(ex.body), warc_headers_dict=response_headers,
+        http_headers=StatusAndHeaders(f"{ex.status} {ex.reason}", _stored_headers(ex), protocol=ex.version))
+    request.rec_headers.add_header("WARC-Concurrent-To", response.rec_headers.get_header("WARC-Record-ID"))
+    writer.write_record(request)
+    writer.write_record(response)
+    return buf.getvalue()
+
+
+class _Store:
+    """The WARC files and the journal, written by one thread in commit order, with group commit.
+
+    `commit(line, records)` hands over a journal line and the WARC records (bytes) of its exchange, if any. The
+    thread takes whatever has queued up, writes the records, fsyncs once, and only then appends the lines: so a
+    line never names records that are not on disk, and a busy crawl pays one fsync (and one GIL hand-off with
+    the event loop) per batch rather than per page.
+    """
+
+    def __init__(self, out: Path, cfg: CrawlConfig, next_index: int):
+        self.out, self.cfg, self.index = out, cfg, next_index
+        self.file: Any = None
+        self.name = ""
+        self.journal = open(out / JOURNAL, "a", encoding="utf-8")
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.Thread(target=self._run, name="warc-writer", daemon=True)
+        self.thread.start()
+
+    def commit(self, line: dict[str, Any], records: bytes | None) -> asyncio.Future:
+        """A future of the journal lines written for this commit (a new WARC file's line, then `line`)."""
+        assert self.loop is not None
+        future = self.loop.create_future()
+        self.queue.put((line, records, future))
+        return future
+
+    def write(self, items: list[tuple[dict[str, Any], bytes | None]]) -> list[list[dict[str, Any]]]:
+        written = []
+        for line, records in items:
+            lines = []
+            if records is not None:
+                if self.file is None:
+                    lines.append(self._open())
+                self.file.write(records)
+                line.update(file=self.name, end=self.file.tell())
+                if self.file.tell() >= self.cfg.warc_max_bytes:
+                    self._close_warc()
+            written.append([*lines, line])
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # the records are on disk before the journal says they are
+        for lines in written:
+            for line in lines:
+                self.journal.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.journal.flush()
+        return written
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get())
+            if batch[-1] is None:  # close(): nothing comes after it
+                stop = True
+                batch.pop()
+            try:
+                result: Any = self.write([(line, records) for line, records, _ in batch])
+            except Exception as e:  # e.g. disk full: every waiting worker gets the error, the crawl stops
+                result = e
+            try:
+                self.loop.call_soon_threadsafe(self._resolve, [f for _, _, f in batch], result)
+            except RuntimeError:  # the loop is closed (Ctrl-C): the records are written, nobody waits for them
+                pass
+
+    @staticmethod
+    def _resolve(futures: list[asyncio.Future], result: Any) -> None:
+        for i, future in enumerate(futures):
+            if future.done():  # its worker was cancelled
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result[i])
+
+    def _open(self) -> dict[str, Any]:
+        self.name = f"crawl-{self.index:05d}.warc.gz"
+        self.index += 1
+        self.file = open(self.out / self.name, "xb")
+        _fsync_dir(self.out)
+        writer = WARCWriter(self.file, gzip=True, warc_version="1.1")
+        writer.write_record(writer.create_warcinfo_record(self.name, {
+            "software": f"nanoforge/{__version__} (aiohttp {aiohttp.__version__}, warcio {metadata.version('warcio')})",
+            "format": "WARC File Format 1.1",
+            "conformsTo": "https://iipc.github.io/warc-specifications/specifications/warc-format/warc-1.1/",
+            "robots": "obey (RFC 9309)",
+            "http-header-user-agent": self.cfg.user_agent,
+            "isPartOf": self.out.name,
+        }))
+        return {"t": "warc", "file": self.name, "end": self.file.tell()}
+
+    def _close_warc(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+    def close(self) -> None:
+        """Write what was handed over (so files end on a whole record), then close the files."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+        self._close_warc()
+        self.journal.close()
+
+
+_FRAMING = ("content-encoding", "transfer-encoding", "content-length")
+
+
+def _stored_headers(ex: _Exchange) -> list[tuple[str, str]]:
+    """Response headers as stored. When the stored body is not the bytes on the wire (decompressed, de-chunked,
+    cut off or not downloaded), the framing headers are kept as X-Crawler-* and Content-Length gives the stored
+    length, as Common Crawl does, so that WARC readers do not try to decode the body again."""
+    if not ex.truncated and not any(k.lower() in _FRAMING[:2] for k, _ in ex.headers):
+        return ex.headers
+    kept = [(f"X-Crawler-{k}", v) if k.lower() in _FRAMING else (k, v) for k, v in ex.headers]
+    return [*kept, ("Content-Length", str(len(ex.body)))]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new file's directory entry durable (where the OS allows opening a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover(out: Path) -> tuple[list[dict[str, Any]], int]:
+    """Read the journal (cutting a torn last line) and cut each WARC file back to the end the journal last
+    recorded for it; returns the journal's lines and the index of the next WARC file."""
+    path = out / JOURNAL
+    lines: list[dict[str, Any]] = []
+    good = 0
+    if path.exists():
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("no end of line")
+                    lines.append(json.loads(raw))
+                    good += len(raw)
+                except ValueError:
+                    if f.read(1):  # only the last line can be torn by a kill; damage inside is not ours to fix
+                        raise NanoforgeError(f"{path}: line {n} is not JSON; the crawl state is damaged") from None
+        if good < path.stat().st_size:
+            os.truncate(path, good)
+    ends = {line["file"]: line["end"] for line in lines if "file" in line}
+    missing = [name for name in ends if not (out / name).exists()]
+    if missing:
+        raise NanoforgeError(f"{out / missing[0]}: missing, but the crawl journal {JOURNAL} has records in it")
+    next_index = max((int(_WARC_NAME.fullmatch(name)[1]) for name in ends), default=-1) + 1
+    for p in sorted(out.iterdir()):
+        m = _WARC_NAME.fullmatch(p.name)
+        if not m:
+            continue
+        end, size = ends.get(p.name), p.stat().st_size
+        if end is None and int(m[1]) >= next_index and lines:  # opened, then killed before its warcinfo was logged
+            p.unlink()
+        elif end is None or size < end:
+            raise NanoforgeError(f"{p}: {'not in' if end is None else 'shorter than'} the crawl journal "
+                                 f"{JOURNAL}; use an empty --out")
+        elif size > end:  # records written after the last journal line: their URLs are fetched again
+            os.truncate(p, end)
+    return lines, next_index
+
+
+@dataclass
+class _Stats:
+    """The crawl's figures, a pure function of the journal: live lines and replayed ones go through `apply`."""
+
+    pages: int = 0
+    bytes: int = 0
+    by_status: Counter = field(default_factory=Counter)
+    robots_by_status: Counter = field(default_factory=Counter)
+    robots_disallowed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    redirects: int = 0
+    retries: int = 0
+    sitemaps: int = 0
+    warc_files: list[str] = field(default_factory=list)
+    sessions: int = 0
+
+    def apply(self, line: dict[str, Any]) -> None:
+        kind, outcome = line["t"], line.get("outcome")
+        if kind == "session":
+            self.sessions += 1
+        elif kind == "warc":
+            self.warc_files.append(line["file"])
+        elif kind == "robots":
+            self.robots_by_status[str(line.get("status", line.get("error", outcome)))] += 1
+            self.bytes += line.get("bytes", 0)
+        elif kind == "fetch":
+            if "status" in line:
+                self.by_status[str(line["status"])] += 1
+                self.bytes += line["bytes"]
+            if outcome == "page":
+                self.pages += 1
+            elif outcome == "retry":
+                self.retries += 1
+            elif outcome == "redirect":
+                self.redirects += 1
+            elif outcome == "sitemap":
+                self.sitemaps += 1
+            elif outcome == "robots":
+                self.robots_disallowed += 1
+            else:
+                self.skipped[outcome] += 1
+            self.skipped.update(line.get("skips", {}))
+
+
+# ----------------------------------------------------------------------------------------------- crawler
+
+
+class _Crawler:
+    def __init__(self, cfg: CrawlConfig, out: Path, seeds: list[str], domains: list[str]):
+        self.cfg, self.out, self.domains = cfg, out, domains
+        lines, next_index = _recover(out)
+        if lines and (lines[0].get("seeds"), lines[0].get("allow_domains")) != (seeds, domains):
+            raise NanoforgeError(f"{out}: holds a crawl of other seeds or domains "
+                                 f"({', '.join(lines[0].get('seeds', []))}); use another --out")
+        self.stats = _Stats()
+        self.hosts: dict[str, _Host] = {}
+        self.seen: set[str] = set()
+        self.queued = 0  # entries in all host queues
+        self.inflight = 0  # tasks taken by workers and not finished
+        self.wake = asyncio.Event()
+        self.stopping = False  # Ctrl-C: take no new task, finish those in flight
+        pending: dict[str, _Entry] = {}
+        done: set[str] = set()
+        for line in lines:  # replay: the frontier is every URL ever admitted that has no final fetch line
+            self.stats.apply(line)
+            pending.update((d["url"], _Entry.from_json(d)) for d in line.get("new", ()))
+            if line["t"] == "fetch" and line["outcome"] != "retry":
+                done.add(line["url"])
+        self.seen.update(pending)
+        self.seed_origins = {_origin(s) for s in seeds}
+        for seed in seeds:
+            if seed not in self.seen:
+                self.seen.add(seed)
+                pending[seed] = _Entry(seed, 0)
+        for url, entry in pending.items():
+            if url not in done:
+                self._enqueue(entry)
+        self.pages_at_start = self.stats.pages
+        self.store = _Store(out, cfg, next_index)
+        start = [] if lines else [{"t": "start", "seeds": seeds, "allow_domains": domains}]
+        for line in [*start, {"t": "session", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]:
+            self.stats.apply(line)
+            self.store.write([(line, None)])
+        self.bar: tqdm | None = None
+
+    # --- frontier and scheduling
+
+    def _enqueue(self, entry: _Entry) -> None:
+        origin = _origin(entry.url)
+        host = self.hosts.get(origin)
+        if host is None:
+            host = self.hosts[origin] = _Host(origin, delay=self.cfg.delay)
+        host.queue.append(entry)
+        self.queued += 1
+        self.wake.set()
+
+    def _admit(self, raw: str, base: str | None, depth: int, skips: Counter, new: list[_Entry],
+               via: tuple[str, ...] = (), kind: str = "page") -> None:
+        """Add a link (or redirect target) to `new` if it is to be fetched, else count why not in `skips`."""
+        url = _normalize_cached(raw, base)
+        if url is None:
+            reason = "not-http"
+        elif url in via:
+            reason = "redirect-loop"
+        elif len(via) > MAX_REDIRECTS:
+            reason = "too-many-redirects"
+        elif not _in_domains(url, self.domains):
+            reason = "off-domain"
+        elif kind == "page" and _has_non_html_extension(url):
+            reason = "non-html-extension"
+        elif url in self.seen:
+            reason = "duplicate"
+        elif depth > (self.cfg.max_depth if kind == "page" else MAX_SITEMAP_NESTING):
+            reason = "too-deep"
+        else:
+            self.seen.add(url)
+            new.append(_Entry(url, depth, via, kind))
+            return
+        skips[reason] += 1
+
+    async def _take(self) -> tuple[str, _Host, _Entry | None] | None:
+        """The next task, ("robots", host, None) or ("fetch"/"disallowed", host, entry); None when the crawl is over.
+
+        Tasks in flight count against max_pages as if each became a page, so the crawl never fetches more."""
+        while self.stats.pages < self.cfg.max_pages and not self.stopping:
+            best, best_time = None, 0.0
+            if self.stats.pages + self.inflight < self.cfg.max_pages:
+                for host in self.hosts.values():
+                    if host.queue and host.state != "robots":
+                        t = 0.0 if host.state == "new" else host.next_time
+                        if best is None or t < best_time:
+                            best, best_time = host, t
+            now = time.monotonic()
+            if best is not None and best_time <= now:
+                self.inflight += 1
+                if best.state == "new":
+                    best.state = "robots"
+                    best.reserve()
+                    return "robots", best, None
+                entry = best.queue.popleft()
+                self.queued -= 1
+                if not best.allows(entry.url, self.cfg.user_agent):
+                    return "disallowed", best, entry
+                best.reserve()
+                return "fetch", best, entry
+            if best is None and self.inflight == 0:
+                return None
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), None if best is None else best_time - now)
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def _worker(self) -> None:
+        while (task := await self._take()) is not None:
+            what, host, entry = task
+            try:
+                if what == "robots":
+                    await self._robots(host)
+                elif what == "disallowed":
+                    await self._commit({"t": "fetch", "url": entry.url, "outcome": "robots"})
+                else:
+                    await self._fetch_entry(host, entry)
+            finally:
+                self.inflight -= 1
+                self.wake.set()
+
+    async def _commit(self, line: dict[str, Any], exchange: _Exchange | None = None,
+                      new: list[_Entry] | None = None) -> None:
+        """Journal the line (after the exchange's records), update the figures, then queue the new URLs."""
+        if new:
+            line["new"] = [e.to_json() for e in new]
+        records = None if exchange is None else await self._off_loop_if_big(len(exchange.body), warc_records, exchange)
+        for written in await self.store.commit(line, records):
+            self.stats.apply(written)
+        for entry in new or ():
+            self._enqueue(entry)
+        if line.get("outcome") == "page" and self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"queued {self.queued}", refresh=False)
+
+    @staticmethod
+    async def _off_loop_if_big(size: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, in a thread when it works on a big body (so the loop keeps serving the other requests), else
+        right here: on small ones a thread would cost more in GIL hand-offs with the event loop than it saves."""
+        if size < INLINE_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # --- HTTP
+
+    async def _request(self, url: str, kind: str) -> _Exchange | str:
+        """One GET without following redirects: the exchange, or "timeout" / "error" if no response came."""
+        cap = ROBOTS_MAX_BYTES if kind == "robots" else self.cfg.max_page_bytes
+        date = datetime.now(timezone.utc)
+        try:
+            async with self.session.get(URL(url, encoded=True), allow_redirects=False) as resp:
+                content_type = resp.headers.get("Content-Type")
+                ex = _Exchange(
+                    url=url, date=date, request_headers=list(resp.request_info.headers.items()),
+                    version=f"HTTP/{resp.version.major}.{resp.version.minor}", status=resp.status,
+                    reason=resp.reason or "", content_type=content_type,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers])
+                media = content_type.split(";")[0].strip().lower() if content_type else None
+                if kind == "page" and media is not None and media not in HTML_TYPES:
+                    ex.truncated = "unspecified"  # not HTML: the body is not downloaded
+                    resp.close()
+                    return ex
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    if len(body) + len(chunk) > cap:
+                        body += chunk[: cap - len(body)]
+                        ex.truncated = "length"
+                        resp.close()  # drop the connection rather than drain the rest
+                        break
+                    body += chunk
+                ex.body = bytes(body)
+                return ex
+        except asyncio.TimeoutError:
+            return "timeout"
+        except (aiohttp.ClientError, ValueError):  # ValueError: a URL that aiohttp cannot request
+            return "error"
+
+    async def _fetch_with_retries(self, host: _Host, url: str, kind: str, line_type: str) -> _Exchange | str:
+        """`_request`, again after a backoff while the answer is transient (no response, 429, 5xx) and retries are
+        left; each failed try that got a response is recorded. The host waits out the backoff too."""
+        attempt = 0
+        while True:
+            result = await self._request(url, kind)
+            wait = result.retry_after() if isinstance(result, _Exchange) else 0.0
+            if wait is None or attempt == self.cfg.retries:
+                return result
+            host.back_off(max(wait, BACKOFF_S * 2**attempt))
+            exchange = result if isinstance(result, _Exchange) else None
+            await self._commit({"t": line_type, "url": url, "outcome": "retry",
+                                **(exchange.fields() if exchange else {"error": result})}, exchange)
+            attempt += 1
+            await host.turn()
+
+    async def _robots(self, host: _Host) -> None:
+        """Fetch and apply the host's robots.txt (RFC 9309 §2.3.1); then queue its sitemaps if asked to."""
+        url = f"{host.origin}/robots.txt"
+        for hop in range(ROBOTS_MAX_REDIRECTS + 1):
+            if hop:
+                await host.turn()
+            result = await self._fetch_with_retries(host, url, "robots", "robots")
+            line: dict[str, Any] = {"t": "robots", "url": url}
+            if isinstance(result, str):
+                line["outcome"] = result
+                break
+            line.update(result.fields())
+            target = normalize_url(result.location, url) if result.location else None
+            if target and hop < ROBOTS_MAX_REDIRECTS:
+                await self._commit({**line, "outcome": "redirect"}, result)
+                url = target
+                continue
+            if 200 <= result.status < 300:
+                host.rules = Protego.parse(result.body.decode("utf-8", errors="replace"))
+                line["outcome"] = "rules"
+            else:  # 4xx (and redirects past the limit) mean "no robots.txt": all allowed; 429/5xx mean none
+                host.allow_all = result.status < 500 and result.status != 429
+                line["outcome"] = "allow-all" if host.allow_all else "disallow-all"
+            break
+        new: list[_Entry] = []
+        if self.cfg.sitemaps and host.origin in self.seed_origins and (host.rules is not None or host.allow_all):
+            listed = list(host.rules.sitemaps) if host.rules is not None else []
+            skips: Counter = Counter()
+            for sitemap in listed or [f"{host.origin}/sitemap.xml"]:
+                self._admit(sitemap, None, 0, skips, new, kind="sitemap")
+        crawl_delay = host.rules.crawl_delay(self.cfg.user_agent) if host.rules is not None else None
+        host.delay = max(self.cfg.delay, float(crawl_delay or 0.0))
+        host.next_time = max(host.next_time, host.last_start + host.delay)
+        host.state = "ready"
+        await self._commit(line, None if isinstance(result, str) else result, new)
+
+    async def _fetch_entry(self, host: _Host, entry: _Entry) -> None:
+        result = await self._fetch_with_retries(host, entry.url, entry.kind, "fetch")
+        line: dict[str, Any] = {"t": "fetch", "url": entry.url}
+        if isinstance(result, str):
+            await self._commit({**line, "outcome": result})
+            return
+        line.update(result.fields())
+        skips: Counter = Counter()
+        new: list[_Entry] = []
+        if result.location is not None:
+            line["outcome"] = "redirect"  # the target is the same page: same depth, one more hop in its chain
+            self._admit(result.location, entry.url, entry.depth, skips, new, via=(*entry.via, entry.url),
+                        kind=entry.kind)
+        elif not 200 <= result.status < 300:
+            line["outcome"] = "http-error"
+        elif entry.kind == "sitemap":
+            line["outcome"] = "sitemap"
+            locs, is_index = _sitemap_locs(result.body, self.cfg.max_page_bytes)
+            for loc in locs:
+                if is_index:
+                    self._admit(loc, entry.url, entry.depth + 1, skips, new, kind="sitemap")
+                else:
+                    self._admit(loc, entry.url, 0, skips, new)
+        else:
+            line["outcome"] = self._classify(result)
+            if line["outcome"] == "page":
+                links, base = await self._off_loop_if_big(len(result.body), extract_links, result.body,
+                                                          _charset(result.content_type), entry.url)
+                # A '/path' link means the same on every page of a site: resolved against the origin, its
+                # normalization is cached once for the whole site (menus, footers) rather than once per page.
+                origin = _origin(base)
+                for link in links:
+                    rooted = link.startswith("/") and not link.startswith("//")
+                    self._admit(link, origin if rooted else base, entry.depth + 1, skips, new)
+        if skips:
+            line["skips"] = dict(skips)
+        await self._commit(line, result, new)
+
+    @staticmethod
+    def _classify(ex: _Exchange) -> str:
+        """A 2xx answer to a page request: "page", or why it is not one."""
+        if ex.truncated == "unspecified" or (ex.content_type is None and not ex.body.lstrip().startswith(b"<")):
+            return "non-html-type"
+        if _looks_binary(ex.body):  # the Content-Type said HTML; the bytes say otherwise
+            return "binary-body"
+        return "truncated" if ex.truncated else "page"
+
+    # --- the whole run
+
+    def _interrupt(self) -> None:
+        if self.stopping:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop at once (in-flight URLs are queued again on resume)
+        self.stopping = True
+        self.wake.set()
+        info(f"crawl: stopping after the {self.inflight} requests in flight (Ctrl-C again to stop at once)")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.store.start(loop)
+        try:  # the first Ctrl-C lets the requests in flight finish, so none of them is fetched again
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+            own_sigint = True
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread: asyncio's way
+            own_sigint = False
+        connector = aiohttp.TCPConnector(limit=self.cfg.concurrency)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            headers={"User-Agent": self.cfg.user_agent}, cookie_jar=aiohttp.DummyCookieJar(),
+        ) as self.session:
+            workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
+            try:
+                await asyncio.gather(*workers)
+            finally:  # Ctrl-C or an error: stop every worker; what is in flight is fetched again on resume
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                if own_sigint:
+                    loop.remove_signal_handler(signal.SIGINT)
+
+    def figures(self, seconds: float) -> dict[str, Any]:
+        s = self.stats
+        this_run = s.pages - self.pages_at_start
+        return {
+            "pages": s.pages, "pages_this_run": this_run, "seconds": round(seconds, 3),
+            "pages_per_s": round(this_run / max(seconds, 1e-9), 2), "bytes": s.bytes,
+            "responses_by_status": dict(sorted(s.by_status.items())),
+            "robots_txt_by_status": dict(sorted(s.robots_by_status.items())),
+            "robots_disallowed": s.robots_disallowed, "skipped": dict(sorted(s.skipped.items())),
+            "redirects": s.redirects, "retries": s.retries, "sitemaps": s.sitemaps, "queued_left": self.queued,
+            "hosts": len(self.hosts), "warc_files": s.warc_files,
+            "warc_bytes": sum((self.out / f).stat().st_size for f in s.warc_files), "sessions": s.sessions,
+        }
+
+
+def _check_config(cfg: CrawlConfig) -> tuple[list[str], list[str]]:
+    """The normalized seeds and allowed domains, or a one-line error."""
+    if not cfg.seeds:
+        raise NanoforgeError("crawl: no seed URL given")
+    seeds = []
+    for raw in cfg.seeds:
+        url = normalize_url(raw)
+        if url is None:
+            raise NanoforgeError(f"seed {raw!r}: not an http(s) URL")
+        if url not in seeds:
+            seeds.append(url)
+    domains = [d.strip().lower().strip(".") for d in cfg.allow_domains]
+    if any(not d or "/" in d or ":" in d for d in domains):
+        raise NanoforgeError(f"--allow-domain {cfg.allow_domains}: give host names such as example.org")
+    domains = domains or sorted({urlsplit(s).hostname or "" for s in seeds})
+    outside = [s for s in seeds if not _in_domains(s, domains)]
+    if outside:
+        raise NanoforgeError(f"seed {outside[0]} is outside the allowed domains ({', '.join(domains)})")
+    for name in ("max_pages", "concurrency", "max_page_bytes", "warc_max_bytes"):
+        if getattr(cfg, name) < 1:
+            raise NanoforgeError(f"crawl: {name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("max_depth", "delay", "retries"):
+        if getattr(cfg, name) < 0:
+            raise NanoforgeError(f"crawl: {name} must not be negative, not {getattr(cfg, name)}")
+    if cfg.timeout <= 0:
+        raise NanoforgeError(f"crawl: timeout must be positive, not {cfg.timeout}")
+    return seeds, domains
+
+
+def crawl(cfg: CrawlConfig, out: Path, *, inputs: dict[str, Path] | None = None) -> dict[str, Any]:
+    """The `crawl` stage: fetch from `cfg.seeds` into `out` (continuing a crawl already there); the manifest.
+
+    `inputs` are artifacts the crawl depends on (the pipeline passes the local site it serves), recorded
+    with their hashes in the manifest.
+    """
+    seeds, domains = _check_config(cfg)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NanoforgeError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the directory is changing; a manifest would claim it finished
+    crawler = _Crawler(cfg, out, seeds, domains)
+    if crawler.stats.sessions > 1:
+        info(f"crawl: continuing in {out}: {crawler.stats.pages} pages done, {crawler.queued} URLs queued")
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=cfg.max_pages, initial=crawler.stats.pages, unit="page", desc="crawl", dynamic_ncols=True,
+                  file=sys.stderr) as crawler.bar:
+            asyncio.run(crawler.run())
+        if crawler.stopping:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        info(f"crawl: stopped after {crawler.stats.pages} pages; run the same command again to continue")
+        raise
+    finally:
+        crawler.store.close()  # what was handed to the writer is written: every file ends on a whole record
+    figures = crawler.figures(time.perf_counter() - t0)
+    skipped = ", ".join(f"{k} {v}" for k, v in figures["skipped"].items()) or "none"
+    info(f"crawl: {figures['pages']} pages ({figures['pages_per_s']:.1f}/s this run), {figures['bytes'] / 1e6:.1f} MB "
+         f"in {len(figures['warc_files'])} WARC files; robots-disallowed {figures['robots_disallowed']}; "
+         f"skipped: {skipped}")
+    return write_manifest(out, stage="crawl", config=cfg, inputs=inputs, figures=figures)
