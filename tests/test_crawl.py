@@ -25,7 +25,8 @@ import pytest
 from aiohttp import web
 from warcio.archiveiterator import ArchiveIterator
 
-from nanoforge.data.crawl import JOURNAL, CrawlConfig, crawl, normalize_url
+from nanoforge.data.crawl import CrawlConfig, crawl, normalize_url
+from nanoforge.data.warcstore import JOURNAL
 from nanoforge.errors import NanoforgeError
 
 ROOT = Path(__file__).resolve().parents[1]

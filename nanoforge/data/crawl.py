@@ -3,17 +3,10 @@
     nanoforge crawl https://docs.python.org/3/ --out runs/web/crawl --max-pages 500 --max-depth 3
     nanoforge crawl https://example.org/ --out crawl --allow-domain example.org --delay 1 --sitemaps
 
-`crawl(cfg, out)` writes into `out/`:
-
-- `crawl-00000.warc.gz`, …: WARC 1.1, one gzip member per record. A `warcinfo` record opens each file; then a
-  `request` and a `response` record for every exchange (pages, redirects, errors, robots.txt, sitemaps), linked
-  both ways by `WARC-Concurrent-To`, with block and payload digests. Files rotate at about `warc_max_bytes`.
-- `crawl-state.jsonl`, the journal: one line per exchange or decision, appended only after the exchange's records
-  are in the WARC file and fsynced, with that file's new end offset and the URLs the exchange added to the frontier.
-  Started again with the same command, a stopped crawl (Ctrl-C, SIGKILL, power loss) replays it: frontier and
-  counts come back, URLs that were in flight are queued again, and each WARC file is cut back to the last record
-  the journal knows, so no finished URL is fetched twice and every file reads to its end.
-- `manifest.json`, written last (and removed while a crawl runs), with the figures.
+`crawl(cfg, out)` writes into `out/` the WARC files `crawl-00000.warc.gz`, … and the journal `crawl-state.jsonl`
+(their format, and how a stopped crawl resumes, are in `nanoforge.data.warcstore`), then `manifest.json`, written
+last (and removed while a crawl runs), with the figures. Started again with the same command, a stopped crawl
+(Ctrl-C, SIGKILL, power loss) continues where its journal ends: no finished URL is fetched twice.
 
 How it runs: `concurrency` asyncio workers share one aiohttp session. A worker takes the host whose next request
 is due soonest: a host's requests start at least `delay` apart (its robots.txt Crawl-delay if larger), and its
@@ -21,7 +14,7 @@ first request is its robots.txt (RFC 9309, parsed by protego; 4xx allows all, 5x
 Redirects are not followed by aiohttp but by the crawler: each hop is recorded, and the target is admitted like a
 link (domain, loop, hop limit; robots when it is dispatched). Bodies are streamed and cut at `max_page_bytes`;
 only HTML is downloaded. Links are parsed and WARC records made on the event loop (in a thread for big bodies);
-one writer thread appends them to the files with group commit: one fsync, then the batch's journal lines.
+the store's writer thread appends them to the files, then journals them.
 """
 
 from __future__ import annotations
@@ -30,13 +23,9 @@ import asyncio
 import codecs
 import functools
 import html
-import json
-import os
-import queue
 import re
 import signal
 import sys
-import threading
 import time
 import zlib
 from collections import Counter, deque
@@ -44,8 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from html.parser import HTMLParser
-from importlib import metadata
-from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -53,18 +40,13 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 import aiohttp
 from protego import Protego
 from tqdm import tqdm
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.timeutils import datetime_to_iso_date
-from warcio.warcwriter import WARCWriter
 from yarl import URL
 
-from nanoforge import __version__
 from nanoforge.artifacts import MANIFEST, write_manifest
 from nanoforge.console import info
+from nanoforge.data.warcstore import CrawlStats, Exchange, WarcStore, recover, warc_records
 from nanoforge.errors import NanoforgeError
 
-JOURNAL = "crawl-state.jsonl"
-_WARC_NAME = re.compile(r"crawl-(\d{5,})\.warc\.gz")
 MAX_REDIRECTS = 10  # hops followed from one URL; more is counted "too-many-redirects"
 ROBOTS_MAX_REDIRECTS = 5  # RFC 9309 §2.3.1.2: follow at least five
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 §2.5: parse at least 500 KiB
@@ -232,36 +214,12 @@ def _charset(content_type: str | None) -> str:
 # ---------------------------------------------------------------------------------------------- fetching
 
 
-@dataclass
-class _Exchange:
-    """One HTTP request and the response to it, as the WARC records will hold them."""
-
-    url: str
-    date: datetime
-    request_headers: list[tuple[str, str]]
-    version: str  # "HTTP/1.1"
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]  # as received, in order
-    content_type: str | None
-    body: bytes = b""
-    truncated: str | None = None  # WARC-Truncated reason: "length" (cut at the cap), "unspecified" (not HTML)
-
-    @property
-    def location(self) -> str | None:
-        if 300 <= self.status < 400:
-            return next((v for k, v in self.headers if k.lower() == "location"), None)
+def _retry_after(ex: Exchange) -> float | None:
+    """Seconds to wait if this answer is transient (429, 5xx), else None."""
+    if ex.status != 429 and ex.status < 500:
         return None
-
-    def retry_after(self) -> float | None:
-        """Seconds to wait if this answer is transient (429, 5xx), else None."""
-        if self.status != 429 and self.status < 500:
-            return None
-        value = next((v for k, v in self.headers if k.lower() == "retry-after"), "")
-        return min(float(value), MAX_RETRY_AFTER_S) if value.strip().isdigit() else 0.0
-
-    def fields(self) -> dict[str, Any]:
-        return {"status": self.status, "bytes": len(self.body)}
+    value = next((v for k, v in ex.headers if k.lower() == "retry-after"), "")
+    return min(float(value), MAX_RETRY_AFTER_S) if value.strip().isdigit() else 0.0
 
 
 @dataclass
@@ -315,269 +273,17 @@ class _Host:
         self.next_time = max(self.next_time, time.monotonic() + seconds)
 
 
-# --------------------------------------------------------------------------------------- WARC + journal
-
-
-_record_writers = threading.local()
-
-
-def warc_records(ex: _Exchange) -> bytes:
-    """The `request` and `response` WARC records of one exchange, each its own gzip member (warcio's writer),
-    linked both ways by WARC-Concurrent-To; warcio adds the block and payload digests."""
-    if not hasattr(_record_writers, "writer"):  # one per thread: making a WARCWriter looks up the host name
-        _record_writers.buf = BytesIO()
-        _record_writers.writer = WARCWriter(_record_writers.buf, gzip=True, warc_version="1.1")
-    buf, writer = _record_writers.buf, _record_writers.writer
-    buf.seek(0)
-    buf.truncate()
-    parts = urlsplit(ex.url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    date = datetime_to_iso_date(ex.date.replace(tzinfo=None), use_micros=True)  # warcio wants naive UTC
-    request = writer.create_warc_record(
-        ex.url, "request", warc_headers_dict={"WARC-Date": date},
-        http_headers=StatusAndHeaders(f"GET {target} HTTP/1.1", ex.request_headers, is_http_request=True))
-    response_headers = {"WARC-Date": date, "WARC-Concurrent-To": request.rec_headers.get_header("WARC-Record-ID")}
-    if ex.truncated:
-        response_headers["WARC-Truncated"] = ex.truncated
-    response = writer.create_warc_record(
-        ex.url, "response", payload=BytesIO(ex.body), length=len(ex.body), warc_headers_dict=response_headers,
-        http_headers=StatusAndHeaders(f"{ex.status} {ex.reason}", _stored_headers(ex), protocol=ex.version))
-    request.rec_headers.add_header("WARC-Concurrent-To", response.rec_headers.get_header("WARC-Record-ID"))
-    writer.write_record(request)
-    writer.write_record(response)
-    return buf.getvalue()
-
-
-class _Store:
-    """The WARC files and the journal, written by one thread in commit order, with group commit.
-
-    `commit(line, records)` hands over a journal line and the WARC records (bytes) of its exchange, if any. The
-    thread takes whatever has queued up, writes the records, fsyncs once, and only then appends the lines: so a
-    line never names records that are not on disk, and a busy crawl pays one fsync (and one GIL hand-off with
-    the event loop) per batch rather than per page.
-    """
-
-    def __init__(self, out: Path, cfg: CrawlConfig, next_index: int):
-        self.out, self.cfg, self.index = out, cfg, next_index
-        self.file: Any = None
-        self.name = ""
-        self.journal = open(out / JOURNAL, "a", encoding="utf-8")
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread: threading.Thread | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.thread = threading.Thread(target=self._run, name="warc-writer", daemon=True)
-        self.thread.start()
-
-    def commit(self, line: dict[str, Any], records: bytes | None) -> asyncio.Future:
-        """A future of the journal lines written for this commit (a new WARC file's line, then `line`)."""
-        assert self.loop is not None
-        future = self.loop.create_future()
-        self.queue.put((line, records, future))
-        return future
-
-    def write(self, items: list[tuple[dict[str, Any], bytes | None]]) -> list[list[dict[str, Any]]]:
-        written = []
-        for line, records in items:
-            lines = []
-            if records is not None:
-                if self.file is None:
-                    lines.append(self._open())
-                self.file.write(records)
-                line.update(file=self.name, end=self.file.tell())
-                if self.file.tell() >= self.cfg.warc_max_bytes:
-                    self._close_warc()
-            written.append([*lines, line])
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())  # the records are on disk before the journal says they are
-        for lines in written:
-            for line in lines:
-                self.journal.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self.journal.flush()
-        return written
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch = [self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get())
-            if batch[-1] is None:  # close(): nothing comes after it
-                stop = True
-                batch.pop()
-            try:
-                result: Any = self.write([(line, records) for line, records, _ in batch])
-            except Exception as e:  # e.g. disk full: every waiting worker gets the error, the crawl stops
-                result = e
-            try:
-                self.loop.call_soon_threadsafe(self._resolve, [f for _, _, f in batch], result)
-            except RuntimeError:  # the loop is closed (Ctrl-C): the records are written, nobody waits for them
-                pass
-
-    @staticmethod
-    def _resolve(futures: list[asyncio.Future], result: Any) -> None:
-        for i, future in enumerate(futures):
-            if future.done():  # its worker was cancelled
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result[i])
-
-    def _open(self) -> dict[str, Any]:
-        self.name = f"crawl-{self.index:05d}.warc.gz"
-        self.index += 1
-        self.file = open(self.out / self.name, "xb")
-        _fsync_dir(self.out)
-        writer = WARCWriter(self.file, gzip=True, warc_version="1.1")
-        writer.write_record(writer.create_warcinfo_record(self.name, {
-            "software": f"nanoforge/{__version__} (aiohttp {aiohttp.__version__}, warcio {metadata.version('warcio')})",
-            "format": "WARC File Format 1.1",
-            "conformsTo": "https://iipc.github.io/warc-specifications/specifications/warc-format/warc-1.1/",
-            "robots": "obey (RFC 9309)",
-            "http-header-user-agent": self.cfg.user_agent,
-            "isPartOf": self.out.name,
-        }))
-        return {"t": "warc", "file": self.name, "end": self.file.tell()}
-
-    def _close_warc(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            self.file = None
-
-    def close(self) -> None:
-        """Write what was handed over (so files end on a whole record), then close the files."""
-        if self.thread is not None:
-            self.queue.put(None)
-            self.thread.join()
-        self._close_warc()
-        self.journal.close()
-
-
-_FRAMING = ("content-encoding", "transfer-encoding", "content-length")
-
-
-def _stored_headers(ex: _Exchange) -> list[tuple[str, str]]:
-    """Response headers as stored. When the stored body is not the bytes on the wire (decompressed, de-chunked,
-    cut off or not downloaded), the framing headers are kept as X-Crawler-* and Content-Length gives the stored
-    length, as Common Crawl does, so that WARC readers do not try to decode the body again."""
-    if not ex.truncated and not any(k.lower() in _FRAMING[:2] for k, _ in ex.headers):
-        return ex.headers
-    kept = [(f"X-Crawler-{k}", v) if k.lower() in _FRAMING else (k, v) for k, v in ex.headers]
-    return [*kept, ("Content-Length", str(len(ex.body)))]
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new file's directory entry durable (where the OS allows opening a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _recover(out: Path) -> tuple[list[dict[str, Any]], int]:
-    """Read the journal (cutting a torn last line) and cut each WARC file back to the end the journal last
-    recorded for it; returns the journal's lines and the index of the next WARC file."""
-    path = out / JOURNAL
-    lines: list[dict[str, Any]] = []
-    good = 0
-    if path.exists():
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("no end of line")
-                    lines.append(json.loads(raw))
-                    good += len(raw)
-                except ValueError:
-                    if f.read(1):  # only the last line can be torn by a kill; damage inside is not ours to fix
-                        raise NanoforgeError(f"{path}: line {n} is not JSON; the crawl state is damaged") from None
-        if good < path.stat().st_size:
-            os.truncate(path, good)
-    ends = {line["file"]: line["end"] for line in lines if "file" in line}
-    missing = [name for name in ends if not (out / name).exists()]
-    if missing:
-        raise NanoforgeError(f"{out / missing[0]}: missing, but the crawl journal {JOURNAL} has records in it")
-    next_index = max((int(_WARC_NAME.fullmatch(name)[1]) for name in ends), default=-1) + 1
-    for p in sorted(out.iterdir()):
-        m = _WARC_NAME.fullmatch(p.name)
-        if not m:
-            continue
-        end, size = ends.get(p.name), p.stat().st_size
-        if end is None and int(m[1]) >= next_index and lines:  # opened, then killed before its warcinfo was logged
-            p.unlink()
-        elif end is None or size < end:
-            raise NanoforgeError(f"{p}: {'not in' if end is None else 'shorter than'} the crawl journal "
-                                 f"{JOURNAL}; use an empty --out")
-        elif size > end:  # records written after the last journal line: their URLs are fetched again
-            os.truncate(p, end)
-    return lines, next_index
-
-
-@dataclass
-class _Stats:
-    """The crawl's figures, a pure function of the journal: live lines and replayed ones go through `apply`."""
-
-    pages: int = 0
-    bytes: int = 0
-    by_status: Counter = field(default_factory=Counter)
-    robots_by_status: Counter = field(default_factory=Counter)
-    robots_disallowed: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    redirects: int = 0
-    retries: int = 0
-    sitemaps: int = 0
-    warc_files: list[str] = field(default_factory=list)
-    sessions: int = 0
-
-    def apply(self, line: dict[str, Any]) -> None:
-        kind, outcome = line["t"], line.get("outcome")
-        if kind == "session":
-            self.sessions += 1
-        elif kind == "warc":
-            self.warc_files.append(line["file"])
-        elif kind == "robots":
-            self.robots_by_status[str(line.get("status", line.get("error", outcome)))] += 1
-            self.bytes += line.get("bytes", 0)
-        elif kind == "fetch":
-            if "status" in line:
-                self.by_status[str(line["status"])] += 1
-                self.bytes += line["bytes"]
-            if outcome == "page":
-                self.pages += 1
-            elif outcome == "retry":
-                self.retries += 1
-            elif outcome == "redirect":
-                self.redirects += 1
-            elif outcome == "sitemap":
-                self.sitemaps += 1
-            elif outcome == "robots":
-                self.robots_disallowed += 1
-            else:
-                self.skipped[outcome] += 1
-            self.skipped.update(line.get("skips", {}))
-
-
 # ----------------------------------------------------------------------------------------------- crawler
 
 
 class _Crawler:
     def __init__(self, cfg: CrawlConfig, out: Path, seeds: list[str], domains: list[str]):
         self.cfg, self.out, self.domains = cfg, out, domains
-        lines, next_index = _recover(out)
+        lines, next_index = recover(out)
         if lines and (lines[0].get("seeds"), lines[0].get("allow_domains")) != (seeds, domains):
             raise NanoforgeError(f"{out}: holds a crawl of other seeds or domains "
                                  f"({', '.join(lines[0].get('seeds', []))}); use another --out")
-        self.stats = _Stats()
+        self.stats = CrawlStats()
         self.hosts: dict[str, _Host] = {}
         self.seen: set[str] = set()
         self.queued = 0  # entries in all host queues
@@ -601,7 +307,7 @@ class _Crawler:
             if url not in done:
                 self._enqueue(entry)
         self.pages_at_start = self.stats.pages
-        self.store = _Store(out, cfg, next_index)
+        self.store = WarcStore(out, next_index, max_bytes=cfg.warc_max_bytes, user_agent=cfg.user_agent)
         start = [] if lines else [{"t": "start", "seeds": seeds, "allow_domains": domains}]
         for line in [*start, {"t": "session", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]:
             self.stats.apply(line)
@@ -691,7 +397,7 @@ class _Crawler:
                 self.inflight -= 1
                 self.wake.set()
 
-    async def _commit(self, line: dict[str, Any], exchange: _Exchange | None = None,
+    async def _commit(self, line: dict[str, Any], exchange: Exchange | None = None,
                       new: list[_Entry] | None = None) -> None:
         """Journal the line (after the exchange's records), update the figures, then queue the new URLs."""
         if new:
@@ -715,14 +421,14 @@ class _Crawler:
 
     # --- HTTP
 
-    async def _request(self, url: str, kind: str) -> _Exchange | str:
+    async def _request(self, url: str, kind: str) -> Exchange | str:
         """One GET without following redirects: the exchange, or "timeout" / "error" if no response came."""
         cap = ROBOTS_MAX_BYTES if kind == "robots" else self.cfg.max_page_bytes
         date = datetime.now(timezone.utc)
         try:
             async with self.session.get(URL(url, encoded=True), allow_redirects=False) as resp:
                 content_type = resp.headers.get("Content-Type")
-                ex = _Exchange(
+                ex = Exchange(
                     url=url, date=date, request_headers=list(resp.request_info.headers.items()),
                     version=f"HTTP/{resp.version.major}.{resp.version.minor}", status=resp.status,
                     reason=resp.reason or "", content_type=content_type,
@@ -747,17 +453,17 @@ class _Crawler:
         except (aiohttp.ClientError, ValueError):  # ValueError: a URL that aiohttp cannot request
             return "error"
 
-    async def _fetch_with_retries(self, host: _Host, url: str, kind: str, line_type: str) -> _Exchange | str:
+    async def _fetch_with_retries(self, host: _Host, url: str, kind: str, line_type: str) -> Exchange | str:
         """`_request`, again after a backoff while the answer is transient (no response, 429, 5xx) and retries are
         left; each failed try that got a response is recorded. The host waits out the backoff too."""
         attempt = 0
         while True:
             result = await self._request(url, kind)
-            wait = result.retry_after() if isinstance(result, _Exchange) else 0.0
+            wait = _retry_after(result) if isinstance(result, Exchange) else 0.0
             if wait is None or attempt == self.cfg.retries:
                 return result
             host.back_off(max(wait, BACKOFF_S * 2**attempt))
-            exchange = result if isinstance(result, _Exchange) else None
+            exchange = result if isinstance(result, Exchange) else None
             await self._commit({"t": line_type, "url": url, "outcome": "retry",
                                 **(exchange.fields() if exchange else {"error": result})}, exchange)
             attempt += 1
@@ -838,7 +544,7 @@ class _Crawler:
         await self._commit(line, result, new)
 
     @staticmethod
-    def _classify(ex: _Exchange) -> str:
+    def _classify(ex: Exchange) -> str:
         """A 2xx answer to a page request: "page", or why it is not one."""
         if ex.truncated == "unspecified" or (ex.content_type is None and not ex.body.lstrip().startswith(b"<")):
             return "non-html-type"
