@@ -33,3 +33,9 @@ def test_site_serves_linked_module_pages_robots_and_sitemap(tmp_path):
     with pytest.raises(NanoforgeError, match="not a site directory"):
         with serve_site(tmp_path):
             pass
+
+
+def test_machine_paths_show_as_visible_placeholders_in_html(tmp_path):
+    build_site(CorpusConfig(modules=["textwrap"], workers=1), tmp_path / "site")
+    page = (tmp_path / "site" / "textwrap.html").read_text()
+    assert "&lt;python&gt;/lib/" in page and "<python>" not in page

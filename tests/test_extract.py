@@ -17,7 +17,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from nanoforge.artifacts import read_manifest
-from nanoforge.data.documents import iter_documents
+from nanoforge.data.documents import Document, iter_documents
 from nanoforge.data.extract import ExtractConfig, decode_html, document_id, extract, main_text
 from nanoforge.errors import NanoforgeError
 
@@ -61,7 +61,7 @@ def record_bytes(write: Callable[[WARCWriter], None], *, gzip_it: bool = False) 
     return buf.getvalue()
 
 
-def read_docs(out: Path) -> list:
+def read_docs(out: Path) -> list[Document]:
     return list(iter_documents(out))
 
 
@@ -86,6 +86,8 @@ def test_warc_from_warcio(tmp_path, compressed):
         w.write_record(w.create_warc_record(urls[0], "metadata", payload=io.BytesIO(b"fetchTimeMs: 12\r\n"),
                                             warc_content_type="application/warc-fields"))
         w.write_record(w.create_warc_record(urls[0], "revisit", payload=io.BytesIO(b"")))
+        w.write_record(w.create_warc_record("dns:example.com", "response", payload=io.BytesIO(b"1.2.3.4\r\n"),
+                                            warc_content_type="text/dns"))  # as Heritrix writes them
 
     manifest = extract(ExtractConfig(workers=1), [path], tmp_path / "docs")
     docs = read_docs(tmp_path / "docs")
@@ -97,9 +99,9 @@ def test_warc_from_warcio(tmp_path, compressed):
         assert d.meta == {"fetch_date": DATE, "content_hash": hashlib.sha256(d.text.encode()).hexdigest(),
                           "language": "en", "extractor": "resiliparse"}
     f = manifest["figures"]
-    assert f["skipped"] == {"warcinfo_record": 1, "request_record": 4, "non_200": 2, "binary": 1, "non_html": 1,
+    assert f["skipped"] == {"warcinfo_record": 1, "request_record": 4, "non_200": 2, "binary": 1, "non_html": 2,
                             "metadata_record": 1, "revisit_record": 1}
-    assert f["documents"] == 3 and f["records"] == 3 + 11 and f["bytes_in"] == path.stat().st_size
+    assert f["documents"] == 3 and f["records"] == 3 + 12 and f["bytes_in"] == path.stat().st_size
     assert f["bytes_out"] == sum(len(d.text.encode()) for d in docs) and f["languages"] == {"en": 3}
     assert read_manifest(tmp_path / "docs")["stage"] == "extract"
 
@@ -133,8 +135,10 @@ def test_html_folder_jsonl_and_parquet(tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.table({"id": ["p1", "p2"], "text": ["Parquet row one.", "Parquet row two."],
                              "url": ["http://p/1", None]}), tmp_path / "rows.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not Parquet")
     manifest = extract(ExtractConfig(workers=1, task_bytes=1),
-                       [site, tmp_path / "data.jsonl", tmp_path / "rows.parquet"], tmp_path / "docs")
+                       [site, tmp_path / "data.jsonl", tmp_path / "rows.parquet", tmp_path / "broken.parquet"],
+                       tmp_path / "docs")
     docs = read_docs(tmp_path / "docs")
     assert [d.url for d in docs] == ["site/a/one.html", "site/two.htm", "http://j/1", "data.jsonl#5",
                                      "http://p/1", "rows.parquet#2"]
@@ -144,7 +148,7 @@ def test_html_folder_jsonl_and_parquet(tmp_path):
                                           "Parquet row two."]
     assert [d.id for d in docs[3:]] == ["keep-me", "p1", "p2"]
     assert docs[2].id == document_id("http://j/1", DATE) and docs[2].meta["fetch_date"] == DATE
-    assert manifest["figures"]["skipped"] == {"undecodable": 2}
+    assert manifest["figures"]["skipped"] == {"undecodable": 3}  # two JSONL lines, the broken Parquet file
 
 
 # ---------------------------------------------------------------------------------------------- damage
@@ -158,7 +162,7 @@ def _with_length(record: bytes, delta: int) -> bytes:
     return b"\r\n".join(lines) + sep + rest
 
 
-def test_damaged_warc_is_counted_and_the_rest_extracted(tmp_path):
+def test_damaged_warc_is_counted_and_the_rest_extracted(tmp_path, capsys):
     def page(url: str, *args, **kwargs) -> bytes:
         return record_bytes(lambda w: response(w, url, *args, **kwargs), gzip_it=True)
 
@@ -194,6 +198,8 @@ def test_damaged_warc_is_counted_and_the_rest_extracted(tmp_path):
     assert "Un caf\u00e9 na\u00efve \u201cquoted\u201d \u2014" in docs["cp1252"]
     assert japanese in docs["sjis"]
     assert manifest["figures"]["skipped"] == {"truncated_gzip": 1, "bad_length": 2, "binary": 1}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "further ones are only counted" in line]
+    assert len(warnings) == 2 and "truncated_gzip" in warnings[0] and "bad_length" in warnings[1]  # once per kind
     # read in byte ranges of 300 (each range owns the members that start in it): the same documents and counts
     split = extract(ExtractConfig(workers=1, task_bytes=300), [path], tmp_path / "split")
     assert read_docs(tmp_path / "split") == read_docs(tmp_path / "docs")

@@ -10,6 +10,7 @@ as Document shards, one document per module:
 from __future__ import annotations
 
 import contextlib
+import html
 import importlib
 import io
 import multiprocessing as mp
@@ -106,7 +107,7 @@ def render_module(name: str, fmt: str = "text") -> str | None:
         return None
     text = _ADDRESS.sub("", text)
     for path, placeholder in _machine_paths():
-        text = text.replace(path, placeholder)
+        text = text.replace(path, html.escape(placeholder) if fmt == "html" else placeholder)
     return text.strip() + "\n"
 
 

@@ -1,8 +1,10 @@
 """Readers that turn any input of `nanoforge extract` into raw records: WARC, WET, HTML, JSONL, Parquet.
 
+    skips = SkipCounter()
     for task in plan_tasks(find_inputs([Path("crawl/")]), task_bytes=32 << 20):
-        for rec in iter_task_records(task, skips := SkipCounter()):
+        for rec in iter_task_records(task, skips):
             print(rec.url, rec.kind, len(rec.payload))
+    print(skips.counts)  # Counter({'request_record': 812, 'non_200': 31, …})
 
 Inputs are files or directories searched recursively for `*.warc[.gz]`, `*.wet[.gz]`, `*.html`, `*.htm`,
 `*.jsonl` and `*.parquet`. Each yields `RawRecord`s: HTML to extract (`kind="html"`, bytes) or text that
@@ -20,7 +22,8 @@ Every skipped record is counted by reason in a `SkipCounter`:
     binary          bytes that are not text whatever the Content-Type says (image, PDF, archive)
     truncated_gzip  a gzip member cut short or corrupt     bad_length  a Content-Length that is wrong
     bad_warc_header / bad_http_header    unparseable headers
-    undecodable     a Content-Encoding that cannot be undone, malformed JSON, a record without text
+    undecodable     a Content-Encoding that cannot be undone, malformed JSON, a record without text, a
+                    Parquet file that cannot be read
 
 A `.warc.gz`/`.wet.gz` file bigger than `task_bytes` is split into byte ranges read in parallel: a range
 owns the gzip members that start inside it, so the records, and their order, do not depend on the split.
@@ -227,12 +230,11 @@ class _Reader:
     def tell(self) -> int:
         return self._base + self._pos
 
-    def seek(self, offset: int) -> bool:
-        if self._seek is None:
-            return False
-        self._seek(offset)
-        self._buf, self._pos, self._base = b"", 0, offset
-        return True
+    def seek(self, offset: int) -> None:
+        """Go back to `offset` if the stream can (a plain file); otherwise stay."""
+        if self._seek is not None:
+            self._seek(offset)
+            self._buf, self._pos, self._base = b"", 0, offset
 
     def _more(self) -> bool:
         """Append the next chunk to the unread part of the buffer; False at the end of the stream."""
@@ -590,6 +592,9 @@ def iter_warc(path: Path, skips: SkipCounter, *, name: str = "", start: int = 0,
         kind = rec.headers.get("warc-type", "").lower()
         url, date = rec.headers.get("warc-target-uri", ""), rec.headers.get("warc-date", "")
         if kind == "response":
+            if not rec.headers.get("content-type", "application/http").lower().startswith("application/http"):
+                skips.skip("non_html", f"{name}, record at byte {offset}")  # e.g. Heritrix's `dns:` records
+                continue
             raw = _http_record(rec.headers, rec.content, rec.truncated, name, offset, skips, max_bytes)
             if raw is not None:
                 yield raw
@@ -648,15 +653,21 @@ def iter_jsonl(path: Path, skips: SkipCounter, *, name: str = "") -> Iterator[Ra
 
 
 def iter_parquet(path: Path, skips: SkipCounter, *, name: str = "") -> Iterator[RawRecord]:
-    """Rows with a `text` column (and optional `url`, `date`/`fetch_date`, `id`)."""
+    """Rows with a `text` column (and optional `url`, `date`/`fetch_date`, `id`).
+
+    A file that is not readable Parquet, or has no `text` column, counts once as `undecodable`, as does a
+    file that breaks off (after the rows before the break).
+    """
     name = name or path.name
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise NanoforgeError(f"{path}: not a readable Parquet file ({e})") from None
+        skips.skip("undecodable", f"{name} (not a readable Parquet file: {e})")
+        return
     names = set(pf.schema_arrow.names)
     if "text" not in names:
-        raise NanoforgeError(f"{path}: Parquet file has no 'text' column")
+        skips.skip("undecodable", f"{name} (no 'text' column)")
+        return
     cols = [c for c in ("text", "url", "date", "fetch_date", "timestamp", "id") if c in names]
     row = 0
     try:
@@ -669,4 +680,4 @@ def iter_parquet(path: Path, skips: SkipCounter, *, name: str = "") -> Iterator[
                 url, date, doc_id = _text_fields(rec, name, row)
                 yield RawRecord(url, date, "text", rec["text"], "text/plain", "", name, row, doc_id)
     except (OSError, pa.ArrowException) as e:
-        raise NanoforgeError(f"{path}: unreadable Parquet data after row {row} ({e})") from None
+        skips.skip("undecodable", f"{name} after row {row} (unreadable Parquet data: {e})")
