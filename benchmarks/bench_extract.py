@@ -1,8 +1,8 @@
 """Extraction speed and quality: the `nanoforge extract` stage vs plain `trafilatura.extract`, same pages, same run.
 
-    python benchmarks/bench_extract.py            # every importable stdlib module, a 100 MB crawl (~2 min)
+    python benchmarks/bench_extract.py            # every importable stdlib module, a 100 MB crawl (~3 min)
     python benchmarks/bench_extract.py --mb 400
-    python benchmarks/bench_extract.py --quick    # 40 modules, a 16 MB crawl (~30 s; tests/CI)
+    python benchmarks/bench_extract.py --quick    # 40 modules, a 16 MB crawl, one run each (~25 s)
 
 Pages: pydoc renders each standard-library module as HTML (`pydoc.html.page(…, pydoc.html.document(m))`).
 The crawl is written as the crawler writes one: HTTP response records, each after its request record, in
@@ -42,9 +42,11 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TypeVar
 
 from nanoforge.data.documents import iter_documents
 from nanoforge.data.extract import ExtractConfig, extract, main_text
@@ -53,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # modules whose import opens windows or browsers, prints, or needs a display
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__hello__", "__phello__"}
 WORD = re.compile(r"\w+")
+T = TypeVar("T")
 
 
 def render(name: str) -> tuple[str, str, str] | None:
@@ -145,11 +148,21 @@ def cpu_seconds() -> float:
                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
+def best_of(repeat: int, fn: Callable[[], T]) -> tuple[T, Clock]:
+    """fn()'s result and its fastest run by CPU time (the machine may be shared)."""
+    best = None
+    for _ in range(repeat):
+        with Clock() as clock:
+            result = fn()
+        best = clock if best is None or clock.cpu < best.cpu else best
+    return result, best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-modules", type=int, default=None, help="stdlib modules to render (default: all)")
     parser.add_argument("--mb", type=float, default=100.0, help="megabytes of HTML in the crawl (pages repeated)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of our stage; the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of ours and of the peer; the best of each counts")
     parser.add_argument("--quick", action="store_true", help="40 modules, a 16 MB crawl, one run of each")
     parser.add_argument("--results", type=Path, default=ROOT / "bench-results" / "bench_extract.jsonl")
     args = parser.parse_args()
@@ -170,17 +183,14 @@ def main() -> None:
     print(f"pages: {n} pydoc modules, {html_mb:.1f} MB of HTML ({time.perf_counter() - t0:.1f} s to render); "
           f"crawl: {copies} copies, {crawl_n} pages, {crawl_mb:.0f} MB")
 
-    # ours: the stage end to end, best of --repeat (by CPU time: the machine may be shared)
+    # ours: the stage end to end
     runs: dict[int, Clock] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         write_crawl(pages, tmp / "crawl", n_files=4 * cores, copies=copies)
         for workers in sorted({1, cores}):
-            for _ in range(args.repeat):
-                with Clock() as clock:
-                    manifest = extract(ExtractConfig(workers=workers), [tmp / "crawl"], tmp / "docs")
-                if workers not in runs or clock.cpu < runs[workers].cpu:
-                    runs[workers] = clock
+            manifest, runs[workers] = best_of(
+                args.repeat, lambda w=workers: extract(ExtractConfig(workers=w), [tmp / "crawl"], tmp / "docs"))
         texts = {d.url.rsplit("/", 1)[1].removesuffix(".html?copy=0"): d.text for d in iter_documents(tmp / "docs")
                  if d.url.endswith("?copy=0")}
     figures = manifest["figures"]
@@ -192,10 +202,8 @@ def main() -> None:
     def ours_traf_fn(html: str) -> str:
         return main_text(html, "trafilatura")
 
-    with Clock() as peer_clock:
-        peer = [peer_fn(h) for h in bare]
-    with Clock() as traf_clock:
-        traf = [ours_traf_fn(h) for h in bare]
+    peer, peer_clock = best_of(args.repeat, lambda: [peer_fn(h) for h in bare])
+    traf, traf_clock = best_of(args.repeat, lambda: [ours_traf_fn(h) for h in bare])
     quality = {  # (bare pages, pages with site chrome) → (precision, recall, F1)
         "ours": (scores([texts.get(name, "") for name in names], refs), scores([main_text(h) for h in chrome], refs)),
         "peer": (scores(peer, refs), scores([peer_fn(h) for h in chrome], refs)),

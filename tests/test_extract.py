@@ -19,6 +19,7 @@ from warcio.warcwriter import WARCWriter
 from nanoforge.artifacts import read_manifest
 from nanoforge.data.documents import Document, iter_documents
 from nanoforge.data.extract import ExtractConfig, decode_html, document_id, extract, main_text
+from nanoforge.data.sources import CRAWL_JOURNAL
 from nanoforge.errors import NanoforgeError
 
 DATE = "2024-05-01T12:00:00Z"
@@ -125,7 +126,7 @@ def test_wet(tmp_path):
 def test_html_folder_jsonl_and_parquet(tmp_path):
     site = tmp_path / "site"
     (site / "a").mkdir(parents=True)
-    (site / "a" / "one.html").write_text(article_page("One", SENTENCES[:2]))
+    (site / "a" / "one.html").write_text(article_page("One", [*SENTENCES[:2], "Laid&nbsp;out&nbsp;with&nbsp;nbsp."]))
     (site / "two.htm").write_bytes(article_page("Two", ["Caf\u00e9 cr\u00e8me " + SENTENCES[2]],
                                                 '<meta charset="iso-8859-1">').encode("latin-1"))
     (site / "notes.txt").write_text("not an input extract reads")
@@ -143,6 +144,7 @@ def test_html_folder_jsonl_and_parquet(tmp_path):
     assert [d.url for d in docs] == ["site/a/one.html", "site/two.htm", "http://j/1", "data.jsonl#5",
                                      "http://p/1", "rows.parquet#2"]
     assert SENTENCES[0] in docs[0].text and "Menu entry" not in docs[0].text
+    assert "Laid out with nbsp." in docs[0].text  # non-breaking spaces are plain spaces in the text
     assert "Caf\u00e9 cr\u00e8me" in docs[1].text
     assert [d.text for d in docs[2:]] == ["First JSONL document.", "Second one.", "Parquet row one.",
                                           "Parquet row two."]
@@ -284,6 +286,7 @@ def test_output_is_identical_for_any_number_of_workers(tmp_path):
                 request(w, url)
                 response(w, url, article_page(f"Page {n}.{i}", SENTENCES[i % 4 :] + [f"Page {n}.{i}."]).encode())
         (inputs / f"page-{n}.html").write_text(article_page(f"File {n}", SENTENCES))
+    (inputs / CRAWL_JOURNAL).write_text('{"t": "start", "seeds": []}\n')  # the crawler's, not documents
     runs = {}
     for workers, task_bytes in ((1, 32 << 20), (2, 3000)):
         out = tmp_path / f"out{workers}"
@@ -293,7 +296,13 @@ def test_output_is_identical_for_any_number_of_workers(tmp_path):
         runs[workers] = (shards, {k: v for k, v in figures.items()
                                   if k not in ("workers", "seconds", "docs_per_s", "mb_per_s")})
     assert len(runs[1][0]) > 1 and runs[1] == runs[2]
-    assert runs[1][1]["documents"] == 26
+    assert runs[1][1]["documents"] == 26 and runs[1][1]["files"] == 4
+
+
+def test_crawl_journal_name_matches_the_crawler():
+    from nanoforge.data.warcstore import JOURNAL
+
+    assert CRAWL_JOURNAL == JOURNAL
 
 
 def test_bad_inputs_are_refused_with_one_line(tmp_path):

@@ -7,7 +7,8 @@ from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
 def _tiny_run(tmp_path, **extra):
     sets = {
         "run.root": str(tmp_path), "run.name": "tiny", "site.modules": ",".join(TINY_MODULES[:6]),
-        "site.workers": "1", "crawl.delay": "0", "extract.workers": "1", "tokenizer.vocab_size": "400", "tokenize.val_fraction": "0.2",
+        "site.workers": "1", "crawl.delay": "0", "extract.workers": "1", "tokenizer.vocab_size": "400",
+        "tokenize.val_fraction": "0.2",
         "tokenize.workers": "1", "pretrain.depth": "2", "pretrain.aspect": "32", "pretrain.head_dim": "16",
         "pretrain.seq_len": "64", "pretrain.batch_size": "4", "pretrain.batch_tokens": "256",
         "pretrain.max_steps": "12", "pretrain.eval_every": "6", "pretrain.eval_batches": "1",

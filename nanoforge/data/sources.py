@@ -48,6 +48,9 @@ from nanoforge.errors import NanoforgeError
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz")
 HTML_SUFFIXES = (".html", ".htm")
 INPUT_SUFFIXES = (*WARC_SUFFIXES, *HTML_SUFFIXES, ".jsonl", ".parquet")
+# the crawler's journal beside its WARC files (`warcstore.JOURNAL`; not imported: it would pull aiohttp into
+# every extract worker): JSONL, but not documents
+CRAWL_JOURNAL = "crawl-state.jsonl"
 # damage worth a warning; the other reasons (request records, 404s, images) are what any crawl holds
 DAMAGE_REASONS = frozenset({"truncated_gzip", "bad_length", "bad_warc_header", "bad_http_header", "undecodable"})
 
@@ -117,8 +120,8 @@ def find_inputs(inputs: list[Path], exclude: Path | None = None) -> list[tuple[P
     """Every input file under INPUTs, with the name it is recorded by; files in given order, directories sorted.
 
     The name is the path relative to the directory's parent (`site/a/b.html`), so it stays the same when the
-    directory moves. Hidden files, anything under `exclude` (the output directory) and files already named
-    by an earlier INPUT are left out.
+    directory moves. Left out of directories: hidden files, the crawler's journal, anything under `exclude`
+    (the output directory); and files an earlier INPUT already named.
     """
     found: dict[Path, tuple[Path, str]] = {}  # resolved path → (path, name); dicts keep insertion order
     excluded = exclude.resolve() if exclude is not None else None
@@ -133,7 +136,8 @@ def find_inputs(inputs: list[Path], exclude: Path | None = None) -> list[tuple[P
         files = []
         for p in sorted(path.rglob("*")):
             rel = p.relative_to(path)
-            if (p.is_file() and _matches(p) and not any(part.startswith(".") for part in rel.parts)
+            if (p.is_file() and _matches(p) and p.name != CRAWL_JOURNAL
+                    and not any(part.startswith(".") for part in rel.parts)
                     and (excluded is None or not p.resolve().is_relative_to(excluded))):
                 files.append((p, (Path(path.resolve().name) / rel).as_posix()))
         if not files:
