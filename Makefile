@@ -26,6 +26,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
+	$(PY) benchmarks/bench_crawl.py
+	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_train.py
 
