@@ -37,7 +37,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a new file's directory entry durable (where the OS allows opening a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -66,7 +67,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -86,7 +87,7 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 @contextmanager
@@ -111,7 +112,7 @@ def atomic_dir(out: Path | str) -> Iterator[Path]:
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

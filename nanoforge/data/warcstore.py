@@ -47,6 +47,7 @@ from warcio.timeutils import datetime_to_iso_date
 from warcio.warcwriter import WARCWriter
 
 from nanoforge import __version__
+from nanoforge.artifacts import fsync_dir
 from nanoforge.errors import NanoforgeError
 
 JOURNAL = "crawl-state.jsonl"
@@ -193,7 +194,7 @@ class WarcStore:
         self.name = f"crawl-{self.index:05d}.warc.gz"
         self.index += 1
         self.file = open(self.out / self.name, "xb")
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         writer = WARCWriter(self.file, gzip=True, warc_version="1.1")
         writer.write_record(writer.create_warcinfo_record(self.name, {
             "software": f"nanoforge/{__version__} (aiohttp {aiohttp.__version__}, warcio {metadata.version('warcio')})",
@@ -232,18 +233,6 @@ def _stored_headers(ex: Exchange) -> list[tuple[str, str]]:
         return ex.headers
     kept = [(f"X-Crawler-{k}", v) if k.lower() in _FRAMING else (k, v) for k, v in ex.headers]
     return [*kept, ("Content-Length", str(len(ex.body)))]
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new file's directory entry durable (where the OS allows opening a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def recover(out: Path) -> tuple[list[dict[str, Any]], int]:
