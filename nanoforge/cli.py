@@ -4,6 +4,7 @@
     nanoforge site --out site/                       # the embedded web site (stdlib docs as HTML)
     nanoforge crawl http://127.0.0.1:8000/ --out crawl/   # WARC files (`nanoforge site --serve site/`)
     nanoforge extract crawl/ --out docs/             # main text → Parquet documents
+    nanoforge stats docs/ --tokenizer tok/           # corpus size, bytes/token, 30T-token projection
     nanoforge tokenizer train docs/ --vocab-size 4096 --out tok/
     nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
     nanoforge pretrain --data tokens/ --out model/ --preset cpu-tiny
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=["resiliparse", "trafilatura"])
     p.add_argument("--workers", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("stats", help="measure a corpus (documents, bytes, words, tokens) and project its size",
+                       description="Count documents, bytes, words and tokens (with --tokenizer, else estimated at 4 "
+                                   "bytes/token), measure bytes/token, and project --target-tokens to terabytes.")
+    p.add_argument("docs", type=Path)
+    p.add_argument("--tokenizer", type=Path, help="count tokens with this tokenizer (default: estimate)")
+    p.add_argument("--target-tokens", type=float, default=30e12, help="token budget to project (default 30e12)")
+    p.add_argument("--out", type=Path, help="write stats.json and a manifest here")
 
     p = sub.add_parser("corpus", help="write the stdlib docs (pydoc plain text) directly as documents, no crawl")
     p.add_argument("--out", type=Path, required=True)
@@ -238,6 +247,20 @@ def cmd_extract(args: argparse.Namespace) -> None:
           + ", ".join(f"{k} {v}" for k, v in f.items() if not isinstance(v, dict)))
 
 
+def cmd_stats(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from nanoforge.data.stats import StatsConfig, corpus_stats, stats_table
+
+    cfg = StatsConfig(target_tokens=args.target_tokens)
+    if args.out:
+        stats = corpus_stats(cfg, args.docs, args.out, args.tokenizer)["figures"]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            stats = corpus_stats(cfg, args.docs, Path(tmp) / "stats", args.tokenizer)["figures"]
+    print(stats_table(stats))
+
+
 def cmd_corpus(args: argparse.Namespace) -> None:
     from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
 
@@ -287,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_pretrain, "tokenize": cmd_tokenize, "sample": cmd_sample, "corpus": cmd_corpus,
         "run": cmd_run, "demo": lambda a: cmd_run(a, demo=True), "presets": cmd_presets,
         "tokenizer": cmd_tokenizer_train, "site": cmd_site, "crawl": cmd_crawl, "extract": cmd_extract,
+        "stats": cmd_stats,
     }
     try:
         handlers[args.command](args)

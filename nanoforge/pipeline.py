@@ -25,6 +25,7 @@ from nanoforge.data.crawl import CrawlConfig, crawl
 from nanoforge.data.docsite import build_site, serve_site
 from nanoforge.data.extract import ExtractConfig, extract
 from nanoforge.data.pydoc_corpus import CorpusConfig
+from nanoforge.data.stats import StatsConfig, corpus_stats
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.sample import SampleConfig
 from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
@@ -47,6 +48,7 @@ class PipelineConfig:
     crawl: CrawlConfig
     extract: ExtractConfig
     tokenizer: TokenizerConfig
+    stats: StatsConfig
     tokenize: TokenizeConfig
     pretrain: PretrainConfig
     sample: SampleConfig
@@ -57,7 +59,7 @@ class PipelineConfig:
 
 
 SECTIONS = {"run": RunConfig, "site": CorpusConfig, "crawl": CrawlConfig, "extract": ExtractConfig,
-            "tokenizer": TokenizerConfig,
+            "tokenizer": TokenizerConfig, "stats": StatsConfig,
             "tokenize": TokenizeConfig, "pretrain": PretrainConfig, "sample": SampleConfig}
 
 
@@ -118,6 +120,8 @@ STAGES = [
           lambda p, ins, out, _: extract(p.extract, [ins["crawl"]], out)),
     Stage("tokenizer", ["extract"], lambda p: p.tokenizer,
           lambda p, ins, out, _: train_tokenizer(p.tokenizer, ins["extract"], out)),
+    Stage("stats", ["extract", "tokenizer"], lambda p: p.stats,
+          lambda p, ins, out, _: corpus_stats(p.stats, ins["extract"], out, ins["tokenizer"])),
     Stage("tokens", ["extract", "tokenizer"], lambda p: p.tokenize,
           lambda p, ins, out, _: tokenize(p.tokenize, ins["extract"], ins["tokenizer"], out)),
     Stage("pretrain", ["tokens", "tokenizer"], lambda p: p.pretrain, _run_pretrain,
@@ -199,6 +203,11 @@ def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:
         elif name == "tokenizer":
             lines.append(f"  tokenizer  {f.get('kind')} vocab {f.get('vocab_size')}, "
                          f"{f.get('bytes_per_token', float('nan')):.2f} bytes/token held out")
+        elif name == "stats":
+            lines.append(f"  stats      {f.get('documents')} documents, {f.get('words', 0):,} words, "
+                         f"{f.get('tokens', 0):,} tokens, {f.get('bytes_per_token', 0):.2f} bytes/token; "
+                         f"{f.get('target_tokens', 0):.3g} tokens would be "
+                         f"{f.get('projection_measured', {}).get('tb', 0):,.0f} TB of such text")
         elif name == "tokens":
             lines.append(f"  tokens     {f.get('tokens', '?')} tokens from {f.get('documents', '?')} documents")
         elif name == "pretrain":

@@ -21,7 +21,7 @@ def _tiny_run(tmp_path, **extra):
 def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     p = _tiny_run(tmp_path)
     outputs = run_pipeline(p)
-    assert list(outputs) == ["site", "crawl", "extract", "tokenizer", "tokens", "pretrain"]
+    assert list(outputs) == ["site", "crawl", "extract", "tokenizer", "stats", "tokens", "pretrain"]
     for name, out in outputs.items():
         m = read_manifest(out)
         assert m["stage"] == name and m["figures"] and m["versions"]["torch"] and m["content_hash"]
@@ -30,7 +30,7 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     stamps = {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     capsys.readouterr()
     run_pipeline(p)
-    assert capsys.readouterr().err.count("up to date") == 6
+    assert capsys.readouterr().err.count("up to date") == 7
     assert stamps == {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     summary = run_summary(p, outputs)
     assert "val loss" in summary and "--- sample 1" in summary
@@ -42,8 +42,9 @@ def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
     run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420"}))
     err = capsys.readouterr().err
     assert "[site] up to date" in err and "[crawl] up to date" in err and "[extract] up to date" in err
-    assert "[tokenizer] running" in err and "[tokens] running" in err and "[pretrain] running" in err
+    for stage in ("tokenizer", "stats", "tokens", "pretrain"):
+        assert f"[{stage}] running" in err
     capsys.readouterr()
     run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420", "pretrain.max_steps": "14"}))
     err = capsys.readouterr().err
-    assert err.count("up to date") == 5 and "[pretrain] running" in err
+    assert err.count("up to date") == 6 and "[pretrain] running" in err
