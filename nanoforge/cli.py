@@ -8,7 +8,7 @@
     nanoforge tokenizer train docs/ --vocab-size 4096 --out tok/
     nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
     nanoforge pretrain --data tokens/ --out model/ --preset cpu-tiny
-    nanoforge sample --model model/ --prompt "Python Library Documentation: module json"
+    nanoforge sample --model model/ --prompt "Return the"
     nanoforge run my-run.toml                        # stages in order, skipping what is done
 """
 

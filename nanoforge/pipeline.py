@@ -11,6 +11,7 @@ A pretraining stage that was killed part-way resumes from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ def is_current(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bo
     return recorded == sorted(input_hash(p) for p in inputs.values())
 
 
-def run_pipeline(p: PipelineConfig, *, only: list[str] | None = None) -> dict[str, Path]:
+def run_pipeline(p: PipelineConfig) -> dict[str, Path]:
     """Run (or skip) every stage in order; return each stage's output directory."""
     run_dir = p.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,8 +166,6 @@ def run_pipeline(p: PipelineConfig, *, only: list[str] | None = None) -> dict[st
             info(f"[{stage.name}] up to date: {out}")
             outputs[stage.name] = out
             continue
-        if only and stage.name not in only:
-            raise NanoforgeError(f"stage {stage.name} is not up to date; run it first")
         resume = _resumable(out, stage, cfg)
         if not resume and out.exists() and stage.name == "pretrain":
             shutil.rmtree(out)  # a finished or stale run with another config: the pipeline redoes it
@@ -183,8 +182,6 @@ def _resumable(out: Path, stage: Stage, cfg: Any) -> bool:
     ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").exists() else None
     if ckpt is None:
         return False
-    import json
-
     state = json.loads((ckpt / "state.json").read_text())
     return state.get("train_config") == to_jsonable(stage.manifest_config(cfg))
 

@@ -303,7 +303,7 @@ def _tiktoken_encoding(hf: HFTokenizer) -> tiktoken.Encoding | None:
 class Tokenizer:
     """A trained tokenizer: encode/decode without special tokens, chat rendering with loss masks.
 
-        tok = Tokenizer.load("runs/demo/02-tokenizer")
+        tok = Tokenizer.load("runs/demo/04-tokenizer")
         ids, mask = tok.render_chat([{"role": "user", "content": "hi"},
                                      {"role": "assistant", "content": "hello"}])
     """

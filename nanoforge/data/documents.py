@@ -5,7 +5,7 @@ metadata columns a stage adds (`extract` adds `fetch_date, content_hash, languag
 come back in `Document.meta`. Every stage that reads documents accepts DOCS as a directory or a single
 file of Parquet shards, JSONL (a `text` field per line) or plain `.txt` (one document per file):
 
-    for doc in iter_documents("runs/demo/01-corpus"):
+    for doc in iter_documents("runs/demo/03-extract"):
         print(doc.id, len(doc.text))
 """
 

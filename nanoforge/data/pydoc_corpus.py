@@ -4,7 +4,7 @@ Every Python installation carries it, so nanoforge can train on real English tec
 download. Modules are imported and rendered in child processes (imports have side effects) and written
 as Document shards, one document per module:
 
-    nanoforge corpus --out runs/demo/01-corpus
+    nanoforge corpus --out /tmp/pydoc-docs
 """
 
 from __future__ import annotations

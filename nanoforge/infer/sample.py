@@ -1,6 +1,6 @@
 """The `sample` stage: continue a prompt with a trained model, using the KV-cache engine.
 
-    nanoforge sample --model runs/demo/04-pretrain --prompt "Python Library Documentation: module json" --seed 1
+    nanoforge sample --model runs/demo/07-pretrain --prompt "Return the" --seed 1
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The pretraining stage: token shards in, a base model out.
 
-    nanoforge pretrain --data runs/demo/03-tokens --out runs/demo/04-pretrain --preset cpu-tiny
+    nanoforge pretrain --data runs/demo/06-tokens --out runs/demo/07-pretrain --preset cpu-tiny
     nanoforge pretrain --data … --out … --resume          # continue exactly where a killed run stopped
 
 One optimizer step consumes `batch_tokens` tokens: `accum` micro-batches of `batch_size × seq_len`
