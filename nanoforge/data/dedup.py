@@ -1,0 +1,458 @@
+"""Deduplication: exact (hash of normalized text) and near (MinHash + LSH + connected components).
+
+    drops = ExactDeduplicator().duplicates(docs)            # {dropped id: kept id}
+    drops = near_duplicates(docs)                           # in memory, {dropped id: kept id}
+
+    # out of core, the shape large pipelines use (each phase reads only what the previous one wrote):
+    compute_signatures("runs/x/02-clean", work)             # 1: per shard, signature rows split by band
+    find_edges(work)                                        # 2: per band, buckets -> candidate edges
+    drops = cluster(work)                                   # 3: union-find over all edges
+    filter_shards("runs/x/02-clean", drops, out)            # 4: rewrite the shards without the drops
+
+Choices, documented because they change what is dropped:
+- Normalization: NFKC, lowercase, punctuation and symbols removed (`[^\\w\\s]`, which also removes lone
+  surrogates), whitespace collapsed. Shingles are word 5-grams; a document of 1-4 words is one shingle
+  (so it only matches the same text), a document with no words is never indexed for near-dup (exact
+  dedup still groups those).
+- Only the first `max_chars` characters (default 1,000,000) are shingled, so a 100 MB document costs
+  as much as a 1 MB one; two huge documents sharing that prefix are judged on it. Exact dedup hashes
+  the whole text, streamed in chunks.
+- Which document a cluster keeps: the smallest id (string order), so the result does not depend on the
+  order of documents or shards. Ids are assumed unique.
+- Candidates are verified: an LSH edge counts only if the estimated Jaccard (fraction of equal
+  signature slots) is >= `threshold` (default 0.8). Verification is against the bucket's smallest-id
+  member first, then greedily against the other verified representatives of that bucket, so a chain
+  A~B~C still forms one cluster through union-find even where A and C are not similar.
+- MinHash is datasketch's "legacy" scheme: `((a*h + b) mod 2^64) mod (2^61-1)`, low 32 bits, with `h`
+  our 32-bit shingle hash, so `MinHasher.permutations` handed to `datasketch.MinHash(scheme="legacy",
+  permutations=..., hashfunc=MinHasher.shingle_hash)` gives bit-identical signatures.
+- Index size: the signature rows are the index, 4 bytes x num_perm per document (448 B at 112);
+  band keys are recomputed in phase 2 rather than stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nanoforge.data.documents import Document, iter_documents, list_document_files, write_document_shards
+from nanoforge.errors import NanoforgeError
+
+EXACT_DUPLICATE = "exact-duplicate"
+NEAR_DUPLICATE = "near-duplicate"
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_EMPTY = np.uint32(0xFFFFFFFF)  # signature of a document with no shingles (never indexed)
+_NONWORD = re.compile(r"[^\w\s]+")
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio) for polynomial combining
+_MAX_WORD_CACHE = 1 << 20
+_CHUNK_COLS = 4096  # shingles per permutation block: 112 x 4096 x 8 B = 3.7 MB stays near L2/L3
+
+
+def normalize_words(text: str) -> list[str]:
+    """The words dedup compares: NFKC, lowercase, punctuation/symbols/lone surrogates removed."""
+    return _NONWORD.sub("", unicodedata.normalize("NFKC", text).lower()).split()
+
+
+def _text_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, cut at whitespace so no word is split."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        yield text[start:end]
+        start = end
+
+
+def shingles(text: str, ngram: int = 5) -> list[str]:
+    """Word n-grams of the normalized text (a 1..n-1 word text is one shingle); the reference for tests."""
+    words = normalize_words(text)
+    k = min(ngram, len(words))
+    return [" ".join(words[i:i + k]) for i in range(len(words) - k + 1)] if words else []
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: spreads the polynomial's bits before we keep the top 32."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+class MinHasher:
+    """MinHash signatures (uint32, `num_perm` per document), computed for many documents at once.
+
+    A word is hashed once (blake2b, cached); a shingle's hash is a polynomial over its words' hashes,
+    computed for all shingles of a document in a few numpy operations; the `num_perm` permutations are
+    then applied to a block of shingles of many documents at once and reduced per document.
+    """
+
+    def __init__(self, num_perm: int = 112, ngram: int = 5, seed: int = 1, max_chars: int = 1_000_000):
+        if num_perm < 1 or ngram < 1 or max_chars < 1:
+            raise NanoforgeError("MinHasher: num_perm, ngram and max_chars must be positive")
+        self.num_perm, self.ngram, self.seed, self.max_chars = num_perm, ngram, seed, max_chars
+        # the same draw as datasketch's legacy scheme, so MinHash(seed=seed, scheme="legacy") agrees too
+        gen = np.random.RandomState(seed)
+        ab = np.array([(gen.randint(1, _MERSENNE, dtype=np.uint64), gen.randint(0, _MERSENNE, dtype=np.uint64))
+                       for _ in range(num_perm)], dtype=np.uint64)
+        self.a, self.b = ab[:, 0].copy(), ab[:, 1].copy()
+        self._words: dict[str, int] = {}
+
+    @property
+    def permutations(self) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) of the permutations, for `datasketch.MinHash(permutations=..., scheme="legacy")`."""
+        return self.a, self.b
+
+    def _word_hashes(self, words: list[str]) -> np.ndarray:
+        cache = self._words
+        if len(cache) > _MAX_WORD_CACHE:  # a bounded cache: a web-scale vocabulary must not grow memory
+            cache.clear()
+        out = np.empty(len(words), dtype=np.uint64)
+        for i, w in enumerate(words):
+            h = cache.get(w)
+            if h is None:
+                h = cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"),
+                                                              digest_size=8).digest(), "little")
+            out[i] = h
+        return out
+
+    def shingle_hashes(self, text: str) -> np.ndarray:
+        """32-bit hashes (in uint64) of the text's shingles, in order; empty if it has no words."""
+        wh = self._word_hashes(normalize_words(text[:self.max_chars]))
+        if len(wh) == 0:
+            return wh
+        k = min(self.ngram, len(wh))
+        n = len(wh) - k + 1
+        h = wh[:n].copy()
+        for j in range(1, k):
+            h *= _MIX
+            h += wh[j:j + n]
+        return _fmix64(h) >> np.uint64(32)
+
+    def shingle_hash(self, shingle: bytes | str) -> int:
+        """The hash of one shingle (its words joined by spaces): a `hashfunc` for datasketch."""
+        words = (shingle.decode("utf-8", "surrogatepass") if isinstance(shingle, bytes) else shingle).split(" ")
+        h = self._word_hashes(words)
+        acc = h[:1].copy()
+        for j in range(1, len(h)):
+            acc *= _MIX
+            acc += h[j:j + 1]
+        return int(_fmix64(acc)[0] >> np.uint64(32))
+
+    def _permute_min(self, hv: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """(num_perm, len(starts)) minima of the permuted hashes over each segment of `hv`."""
+        x = self.a[:, None] * hv[None, :]  # (num_perm, S), wraps mod 2^64 like datasketch
+        x += self.b[:, None]
+        # in-place `%` measured faster here than the Mersenne shift-and-add trick (whose masked subtract is slow)
+        x %= _MERSENNE
+        x &= _LOW32
+        return np.minimum.reduceat(x, starts, axis=1)
+
+    def signatures(self, texts: Iterable[str]) -> np.ndarray:
+        """(n, num_perm) uint32 signatures; a text with no words gets all 0xFFFFFFFF."""
+        hashes = [self.shingle_hashes(t) for t in texts]
+        sig = np.full((len(hashes), self.num_perm), _EMPTY, dtype=np.uint32)
+        batch: list[int] = []
+        cols = 0
+        for i, hv in enumerate(hashes):
+            if len(hv) == 0:
+                continue
+            if len(hv) > _CHUNK_COLS:  # a long document alone, blockwise with a running minimum
+                m = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint64)
+                for s in range(0, len(hv), _CHUNK_COLS):
+                    np.minimum(m, self._permute_min(hv[s:s + _CHUNK_COLS], np.zeros(1, np.int64))[:, 0], out=m)
+                sig[i] = m
+                continue
+            if cols + len(hv) > _CHUNK_COLS:
+                self._fill(sig, hashes, batch)
+                batch, cols = [], 0
+            batch.append(i)
+            cols += len(hv)
+        self._fill(sig, hashes, batch)
+        return sig
+
+    def _fill(self, sig: np.ndarray, hashes: list[np.ndarray], batch: list[int]) -> None:
+        if not batch:
+            return
+        parts = [hashes[i] for i in batch]
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        sig[batch] = self._permute_min(np.concatenate(parts), starts).T
+
+
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
+    """Fraction of equal slots, row-wise (the MinHash estimate of Jaccard similarity)."""
+    return (np.asarray(sig_a) == np.asarray(sig_b)).mean(axis=-1)
+
+
+# ---- exact dedup ----------------------------------------------------------------------------------------
+
+
+def exact_key(text: str) -> bytes:
+    """16-byte hash of the normalized text, streamed in chunks so a 100 MB document needs no copy of it."""
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in _text_chunks(text):
+        for w in normalize_words(chunk):
+            h.update(w.encode("utf-8", "surrogatepass") + b" ")
+    return h.digest()
+
+
+class ExactDeduplicator:
+    """Groups documents whose normalized text is identical; each group keeps its smallest id."""
+
+    reason = EXACT_DUPLICATE
+
+    def duplicates(self, docs: Iterable[Document]) -> dict[str, str]:
+        """{dropped id: kept id}; independent of the order of `docs`."""
+        groups: dict[bytes, list[str]] = {}
+        for d in docs:
+            groups.setdefault(exact_key(d.text), []).append(d.id)
+        drops = {}
+        for ids in groups.values():
+            kept = min(ids)
+            drops.update({i: kept for i in ids if i != kept})
+        return drops
+
+
+# ---- near dedup: LSH, shared by the in-memory and the partitioned paths --------------------------------
+
+
+@dataclass(frozen=True)
+class LSHConfig:
+    num_perm: int = 112
+    ngram: int = 5
+    seed: int = 1
+    bands: int = 14
+    rows: int = 8
+    threshold: float = 0.8  # verify candidate pairs by estimated Jaccard; 0 turns verification off
+    max_chars: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.bands * self.rows != self.num_perm:
+            raise NanoforgeError(f"LSH: bands x rows = {self.bands * self.rows}, expected num_perm {self.num_perm}")
+
+    def hasher(self) -> MinHasher:
+        return MinHasher(self.num_perm, self.ngram, self.seed, self.max_chars)
+
+
+def _band_keys(rows: np.ndarray) -> np.ndarray:
+    """(N, r) uint32 band rows -> (N,) uint64 bucket keys."""
+    key = np.zeros(len(rows), dtype=np.uint64)
+    for j in range(rows.shape[1]):
+        key ^= rows[:, j].astype(np.uint64)
+        key *= _MIX
+    return _fmix64(key)
+
+
+def _band_edges(rows: np.ndarray, rank: np.ndarray, valid: np.ndarray, gather, threshold: float) -> np.ndarray:
+    """Edges (E, 2) of global doc indices from one band: members of a bucket joined to a representative.
+
+    `rank` orders documents by id, so the star centre (the representative) is the smallest id;
+    `gather(idx)` returns full signatures for verification.
+    """
+    idx = np.flatnonzero(valid)
+    keys = _band_keys(rows[idx])
+    order = np.lexsort((rank[idx], keys))
+    keys, idx = keys[order], idx[order]
+    same = np.zeros(len(keys), dtype=bool)
+    same[1:] = keys[1:] == keys[:-1]
+    if not same.any():
+        return np.zeros((0, 2), dtype=np.int64)
+    pos = np.arange(len(keys))
+    start = np.maximum.accumulate(np.where(same, 0, pos))  # position of each bucket's first member
+    members = np.flatnonzero(same)
+    edges = np.stack([idx[start[members]], idx[members]], axis=1)
+    if threshold <= 0:
+        return edges
+    ok = estimated_jaccard(gather(edges[:, 0]), gather(edges[:, 1])) >= threshold
+    good = [edges[ok]]
+    # a member unlike its bucket's first may still be like another member: greedy representatives
+    for b_start in np.unique(start[members[~ok]]):
+        b_end = b_start + 1
+        while b_end < len(keys) and same[b_end]:
+            b_end += 1
+        bucket = idx[b_start:b_end]
+        sigs = gather(bucket)
+        reps: list[int] = [0]
+        for m in range(1, len(bucket)):
+            sims = estimated_jaccard(sigs[reps], sigs[m])
+            hit = np.flatnonzero(sims >= threshold)
+            if len(hit):
+                good.append(np.array([[bucket[reps[hit[0]]], bucket[m]]], dtype=np.int64))
+            else:
+                reps.append(m)
+    return np.concatenate(good).astype(np.int64)
+
+
+def _components(n: int, edges: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """For each doc, the index of the smallest-id doc of its connected component (union-find)."""
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    for u, v in edges.tolist():
+        ru, rv = find(u), find(v)
+        if ru != rv:  # the root is always the smaller-ranked doc, so it ends up the one kept
+            if rank[ru] < rank[rv]:
+                parent[rv] = ru
+            else:
+                parent[ru] = rv
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def _drops(ids: Sequence[str], roots: np.ndarray) -> dict[str, str]:
+    return {ids[i]: ids[r] for i, r in enumerate(roots.tolist()) if r != i}
+
+
+def _id_rank(ids: Sequence[str]) -> np.ndarray:
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+    return rank
+
+
+def near_duplicates(docs: Iterable[Document], cfg: LSHConfig | None = None) -> dict[str, str]:
+    """In memory: {dropped id: kept id} for every near-duplicate cluster (the smallest id is kept)."""
+    cfg = cfg or LSHConfig()
+    docs = list(docs)
+    ids = [d.id for d in docs]
+    sig = cfg.hasher().signatures(d.text for d in docs)
+    valid = (sig[:, :cfg.rows] != _EMPTY).any(axis=1)  # documents with no words are not indexed
+    rank = _id_rank(ids)
+    edges = [_band_edges(sig[:, b * cfg.rows:(b + 1) * cfg.rows], rank, valid, lambda i: sig[i], cfg.threshold)
+             for b in range(cfg.bands)]
+    return _drops(ids, _components(len(ids), np.concatenate([np.zeros((0, 2), np.int64), *edges]), rank))
+
+
+# ---- near dedup, partitioned (out of core) -------------------------------------------------------------
+
+
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+
+
+def compute_signatures(docs: Path | str, work: Path | str, cfg: LSHConfig | None = None) -> dict[str, int]:
+    """Phase 1: for each document file, `ids-SSSSS.json` and `band-BB/sig-SSSSS.npy` ((n, rows) uint32)."""
+    cfg = cfg or LSHConfig()
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    hasher = cfg.hasher()
+    files = list_document_files(docs)
+    n_docs = 0
+    for s, f in enumerate(files):
+        shard = list(iter_documents(f))
+        sig = hasher.signatures(d.text for d in shard)
+        for b in range(cfg.bands):
+            (work / f"band-{b:02d}").mkdir(exist_ok=True)
+            _atomic_save(work / f"band-{b:02d}" / f"sig-{s:05d}.npy", sig[:, b * cfg.rows:(b + 1) * cfg.rows])
+        (work / f"ids-{s:05d}.json").write_text(json.dumps([d.id for d in shard]))
+        n_docs += len(shard)
+    (work / "config.json").write_text(json.dumps({**cfg.__dict__, "shards": len(files)}))
+    return {"documents": n_docs, "shards": len(files), "index_bytes": n_docs * cfg.num_perm * 4}
+
+
+def _load_work(work: Path) -> tuple[LSHConfig, list[str], np.ndarray]:
+    try:
+        meta = json.loads((work / "config.json").read_text())
+    except (OSError, ValueError):
+        raise NanoforgeError(f"{work}: no signatures here (run compute_signatures first)") from None
+    shards = meta.pop("shards")
+    ids: list[str] = []
+    sizes = []
+    for s in range(shards):
+        part = json.loads((work / f"ids-{s:05d}.json").read_text())
+        ids += part
+        sizes.append(len(part))
+    return LSHConfig(**meta), ids, np.cumsum([0, *sizes])
+
+
+def _gatherer(work: Path, cfg: LSHConfig, offsets: np.ndarray):
+    """gather(idx) -> full signatures of those global indices, read from the band files by memmap."""
+    maps = [[np.load(work / f"band-{b:02d}" / f"sig-{s:05d}.npy", mmap_mode="r") for b in range(cfg.bands)]
+            for s in range(len(offsets) - 1)]
+
+    def gather(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), cfg.num_perm), dtype=np.uint32)
+        shard = np.searchsorted(offsets, idx, side="right") - 1
+        for s in np.unique(shard):
+            sel = shard == s
+            local = idx[sel] - offsets[s]
+            out[sel] = np.concatenate([m[local] for m in maps[s]], axis=1)
+        return out
+
+    return gather
+
+
+def find_edges(work: Path | str) -> int:
+    """Phase 2: per band, merge the shards' band rows into buckets and write `edges-BB.npy`; total edges."""
+    work = Path(work)
+    cfg, ids, offsets = _load_work(work)
+    rank = _id_rank(ids)
+    gather = _gatherer(work, cfg, offsets)
+    total = 0
+    valid = np.zeros(0, dtype=bool)
+    for b in range(cfg.bands):
+        parts = [np.load(work / f"band-{b:02d}" / f"sig-{s:05d}.npy") for s in range(len(offsets) - 1)]
+        rows = np.concatenate(parts) if parts else np.zeros((0, cfg.rows), np.uint32)
+        if b == 0:  # an empty document is all 0xFFFFFFFF; band 0 says so for every band (as in memory)
+            valid = (rows != _EMPTY).any(axis=1)
+        edges = _band_edges(rows, rank, valid, gather, cfg.threshold)
+        _atomic_save(work / f"edges-{b:02d}.npy", edges)
+        total += len(edges)
+    return total
+
+
+def cluster(work: Path | str) -> dict[str, str]:
+    """Phase 3: union-find over the edges of all bands -> {dropped id: kept id}."""
+    work = Path(work)
+    cfg, ids, _ = _load_work(work)
+    edges = [np.load(work / f"edges-{b:02d}.npy") for b in range(cfg.bands)]
+    rank = _id_rank(ids)
+    return _drops(ids, _components(len(ids), np.concatenate([np.zeros((0, 2), np.int64), *edges]), rank))
+
+
+def filter_shards(docs: Path | str, drops: dict[str, str], out: Path | str, reason: str = NEAR_DUPLICATE,
+                  ) -> dict[str, int]:
+    """Phase 4: write the kept documents to `out`, the dropped ones (with reason, duplicate_of) to `out/removed`."""
+    out = Path(out)
+    removed: list[Document] = []
+
+    def kept() -> Iterator[Document]:
+        for d in iter_documents(docs):
+            if d.id in drops:
+                removed.append(Document(d.id, d.text, d.url, d.source,
+                                        {**d.meta, "reason": reason, "duplicate_of": drops[d.id]}))
+            else:
+                yield d
+
+    counts = write_document_shards(kept(), out)
+    if (out / "removed").exists():
+        shutil.rmtree(out / "removed")
+    write_document_shards(removed, out / "removed", meta_columns=("reason", "duplicate_of"))
+    return {"kept": counts["documents"], "removed": len(removed)}
+
+
+def near_duplicates_partitioned(docs: Path | str, work: Path | str, cfg: LSHConfig | None = None,
+                                ) -> dict[str, str]:
+    """Phases 1-3 through `work` on disk: the same answer as `near_duplicates` on the same documents."""
+    compute_signatures(docs, work, cfg)
+    find_edges(work)
+    return cluster(work)
