@@ -4,6 +4,7 @@
     nanoforge site --out site/                       # the embedded web site (stdlib docs as HTML)
     nanoforge crawl http://127.0.0.1:8000/ --out crawl/   # WARC files (`nanoforge site --serve site/`)
     nanoforge extract crawl/ --out docs/             # main text → Parquet documents
+    nanoforge clean docs/ --out clean/               # filters, PII, dedup; report.json of every removal
     nanoforge stats docs/ --tokenizer tok/           # corpus size, bytes/token, 30T-token projection
     nanoforge tokenizer train docs/ --vocab-size 4096 --out tok/
     nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=["resiliparse", "trafilatura"])
     p.add_argument("--workers", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("clean", help="filter, redact and deduplicate documents, with a report of every removal",
+                       description="A chain of curation steps (language, Gopher quality and repetition, C4, FineWeb, "
+                                   "harmful content, PII redaction, exact and MinHash near-duplicate removal). "
+                                   "Writes clean shards, the removed documents with their reason, and report.json.")
+    p.add_argument("docs", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="TOML with a [clean] table: steps = [...], [clean.options.STEP]")
+    p.add_argument("--steps", help="comma-separated steps, in order (overrides the config)")
+    p.add_argument("--workers", type=int)
 
     p = sub.add_parser("stats", help="measure a corpus (documents, bytes, words, tokens) and project its size",
                        description="Count documents, bytes, words and tokens (with --tokenizer, else estimated at 4 "
@@ -247,6 +258,21 @@ def cmd_extract(args: argparse.Namespace) -> None:
           + ", ".join(f"{k} {v}" for k, v in f.items() if not isinstance(v, dict)))
 
 
+def cmd_clean(args: argparse.Namespace) -> None:
+    import json
+
+    from nanoforge.config import build, load_toml
+    from nanoforge.data.clean import CleanConfig, clean, report_table
+
+    values: dict[str, Any] = dict(load_toml(args.config).get("clean", {})) if args.config else {}
+    if args.steps:
+        values["steps"] = [s for s in args.steps.split(",") if s]
+    if args.workers is not None:
+        values["workers"] = args.workers
+    clean(build(CleanConfig, values, "clean"), args.docs, args.out)
+    print(report_table(json.loads((args.out / "report.json").read_text())))
+
+
 def cmd_stats(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -310,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_pretrain, "tokenize": cmd_tokenize, "sample": cmd_sample, "corpus": cmd_corpus,
         "run": cmd_run, "demo": lambda a: cmd_run(a, demo=True), "presets": cmd_presets,
         "tokenizer": cmd_tokenizer_train, "site": cmd_site, "crawl": cmd_crawl, "extract": cmd_extract,
-        "stats": cmd_stats,
+        "stats": cmd_stats, "clean": cmd_clean,
     }
     try:
         handlers[args.command](args)

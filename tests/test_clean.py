@@ -1,0 +1,77 @@
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from nanoforge.data.clean import CleanConfig, clean, report_table
+from nanoforge.errors import NanoforgeError
+
+NOUNS = ("river", "teacher", "garden", "market", "engine", "letter", "mountain", "kitchen", "library", "village",
+         "bridge", "window", "forest", "harbour", "station", "painter", "doctor", "island", "castle", "meadow")
+VERBS = ("watches", "follows", "carries", "remembers", "builds", "finds", "opens", "visits", "paints", "repairs")
+ADJS = ("quiet", "bright", "ancient", "narrow", "gentle", "crowded", "distant", "simple", "careful", "famous")
+
+
+def prose(rng: random.Random, sentences: int = 12) -> str:
+    """English-looking prose that passes the quality rules: varied sentences, one per line."""
+    links = ("that was near", "beside", "far from", "behind", "under", "which stood by", "across from")
+    ends = ("with care", "every morning", "before the rain", "in silence", "for a while", "at dusk", "again")
+    lines = []
+    for _ in range(sentences):
+        a, b, c, d = rng.sample(NOUNS, 4)
+        lines.append(f"{rng.choice(('The', 'A', 'One', 'Every'))} {rng.choice(ADJS)} {a} {rng.choice(VERBS)} "
+                     f"the {b} {rng.choice(links)} the {c}, and it {rng.choice(VERBS)} {d} {rng.choice(ends)}.")
+    return "\n".join(lines)
+
+
+def _write(path, docs):
+    path.write_text("".join(json.dumps({"id": i, "text": t, "url": f"https://example.org/{i}"}) + "\n"
+                            for i, t in docs))
+
+
+def test_chain_removes_with_reasons_redacts_and_dedups(tmp_path):
+    rng = random.Random(0)
+    base = prose(rng)
+    near = base.replace("careful", "careless", 1)
+    docs = [
+        ("a-good", prose(rng)), ("b-dup", base), ("c-near", near), ("d-orig", base),
+        ("e-french", "Le petit chat dort sur le canapé pendant que la pluie tombe doucement sur la ville. " * 8),
+        ("f-short", "Too short."),
+        ("g-pii", prose(rng) + "\nWrite to alice.smith@example.com or call +44 20 7946 0958 for the details."),
+    ]
+    src = tmp_path / "in"
+    src.mkdir()
+    _write(src / "a.jsonl", docs[:4])
+    _write(src / "b.jsonl", docs[4:])
+    m = clean(CleanConfig(workers=2), src, tmp_path / "out")
+    kept = pq.read_table(next((tmp_path / "out").glob("docs-*.parquet"))).to_pydict()
+    assert sorted(kept["id"]) == ["a-good", "b-dup", "g-pii"]  # b-dup: smallest id of its cluster
+    assert "<EMAIL>" in kept["text"][kept["id"].index("g-pii")] and "alice" not in "".join(kept["text"])
+    assert set(kept["language"]) == {"en"}
+    removed = pq.read_table(next((tmp_path / "out" / "removed").glob("*.parquet"))).to_pydict()
+    why = dict(zip(removed["id"], zip(removed["step"], removed["reason"], removed["duplicate_of"], strict=True),
+                   strict=True))
+    assert why["e-french"][0] == "language" and why["f-short"][0] in ("language", "gopher_repetition",
+                                                                      "gopher_quality")
+    assert why["d-orig"] == ("exact_dedup", "exact-duplicate", "b-dup")
+    assert why["c-near"] == ("near_dedup", "near-duplicate", "b-dup")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["documents_in"] == 7 and report["documents_out"] == 3 and report["bytes_out"] < report["bytes_in"]
+    assert report["steps"]["pii"]["redacted"]["email"] == 1 and report["steps"]["pii"]["redacted"]["phone"] == 1
+    assert m["figures"]["removed_by_reason"]["exact_dedup/exact-duplicate"] == 1
+    assert "near_dedup" in report_table(report)
+    # the same output with one worker
+    clean(CleanConfig(workers=1), src, tmp_path / "out1")
+    one = pq.read_table(next((tmp_path / "out1").glob("docs-*.parquet"))).to_pydict()
+    assert one == kept
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    _write(tmp_path / "a.jsonl", [("x", "text")])
+    with pytest.raises(NanoforgeError, match="unknown step"):
+        clean(CleanConfig(steps=["spellcheck"]), tmp_path / "a.jsonl", tmp_path / "o")
+    with pytest.raises(NanoforgeError, match="bad options for step 'language'"):
+        clean(CleanConfig(steps=["language"], options={"language": {"langs": ["en"]}}), tmp_path / "a.jsonl",
+              tmp_path / "o")
+    assert not (tmp_path / "o").exists()
