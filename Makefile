@@ -28,6 +28,8 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench_crawl.py
 	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_clean.py
+	$(PY) benchmarks/bench_dedup.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_train.py
 
