@@ -40,15 +40,17 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoforge",
-        description="Train a large language model step by step: corpus → tokenizer → token shards → "
-                    "pretraining → sampling. Every stage reads and writes artifacts in standard formats.",
+        description="Train a large language model step by step: crawl → extract → clean → stats → tokenizer → "
+                    "token shards → pretraining → sampling. Every stage reads and writes artifacts in standard "
+                    "formats.",
         epilog="Run `nanoforge demo` to see the whole path on a laptop CPU.")
     parser.add_argument("--version", action="version", version=f"nanoforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="run the built-in pipeline end to end on the embedded corpus",
-                       description="Build the embedded corpus, train a tokenizer, tokenize, pretrain the "
-                                   "cpu-tiny GPT and print samples. A rerun skips finished stages.")
+                       description="Serve the embedded docs site on 127.0.0.1, crawl it, extract it, train a "
+                                   "tokenizer, measure the corpus, tokenize, pretrain the cpu-tiny GPT and print "
+                                   "samples. A rerun skips finished stages; a killed one resumes.")
     p.add_argument("--preset", help="model/training preset (see `nanoforge presets`)")
     p.add_argument("--root", default=None, help="directory holding runs (default runs/)")
     p.add_argument("--name", default=None, help="run name (default demo)")
