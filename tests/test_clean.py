@@ -75,3 +75,23 @@ def test_bad_config_is_a_clear_error(tmp_path):
         clean(CleanConfig(steps=["language"], options={"language": {"langs": ["en"]}}), tmp_path / "a.jsonl",
               tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_shard_is_reported_and_the_rest_is_cleaned(tmp_path):
+    import pyarrow as pa
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = random.Random(1)
+    _write(src / "good.jsonl", [("a", prose(rng)), ("b", prose(rng))])
+    pq.write_table(pa.table({"id": ["x"], "text": [42]}), src / "mistyped.parquet")
+    pq.write_table(pa.table({"id": ["y"], "body": ["no text column"]}), src / "missing.parquet")
+    (src / "broken.jsonl").write_text(json.dumps({"id": "c", "text": prose(rng)}) + "\n{not json\n")
+    m = clean(CleanConfig(workers=1), src, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert m["figures"]["files_with_errors"] == 3
+    assert any("column 'text' is int64" in e for e in report["file_errors"])
+    assert any("no 'text' column" in e for e in report["file_errors"])
+    assert any("broken.jsonl:2: malformed JSON" in e for e in report["file_errors"])
+    kept = pq.read_table(next((tmp_path / "out").glob("docs-*.parquet"))).column("id").to_pylist()
+    assert sorted(kept) == ["a", "b", "c"]  # c was read before its file broke

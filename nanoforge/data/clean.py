@@ -38,6 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from nanoforge.artifacts import atomic_dir, atomic_write_json, write_manifest
+from nanoforge.console import info
 from nanoforge.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, ExactDeduplicator, LSHConfig, near_duplicates
 from nanoforge.data.documents import Document, iter_documents, list_document_files, write_document_shards
 from nanoforge.data.filters import (
@@ -104,24 +105,38 @@ def _removed(doc: Document, step: str, reason: str, duplicate_of: str = "") -> D
     return replace(doc, meta={**doc.meta, "step": step, "reason": reason, "duplicate_of": duplicate_of})
 
 
-def _clean_file(path: Path, cfg: CleanConfig) -> tuple[list[Document], list[Document], list[dict[str, Any]], int]:
-    """Run the per-document steps over one input file: (kept, removed, step reports, bytes in)."""
+def _clean_file(path: Path, cfg: CleanConfig) -> tuple[list[Document], list[Document], list[dict[str, Any]], int,
+                                                      str | None]:
+    """Run the per-document steps over one input file: (kept, removed, step reports, bytes in, file error).
+
+    A file that cannot be read as documents (a missing or mistyped `text` column, bad JSON, …) is not
+    fatal: the documents read before the error are kept, and the error is returned for the report.
+    """
     steps = [(name, _build_step(name, cfg)) for name in cfg.steps if name in DOCUMENT_STEPS]
-    kept, removed, bytes_in = [], [], 0
-    for doc in iter_documents(path):
-        bytes_in += len(doc.text.encode("utf-8", "replace"))
-        current: Document | None = doc
-        for name, step in steps:
-            current, reason = step.process(current)
-            if current is None:
-                removed.append(_removed(doc, name, reason or "dropped"))
-                break
-        if current is not None:
-            kept.append(current)
+    kept, removed, bytes_in, error = [], [], 0, None
+    try:
+        for doc in iter_documents(path):
+            bytes_in += _clean_one(doc, steps, kept, removed)
+    except NanoforgeError as e:
+        error = str(e)
     reports = [{"name": name, **step.report(),
                 "redacted": {k.split("/", 1)[1]: v for k, v in step.stats.items() if k.startswith("redacted/")}}
                for name, step in steps]
-    return kept, removed, reports, bytes_in
+    return kept, removed, reports, bytes_in, error
+
+
+def _clean_one(doc: Document, steps: list[tuple[str, Step]], kept: list[Document], removed: list[Document]) -> int:
+    """Pass one document through the steps, appending it to `kept` or `removed`; its size in bytes."""
+    size = len(doc.text.encode("utf-8", "replace"))
+    current: Document | None = doc
+    for name, step in steps:
+        current, reason = step.process(current)
+        if current is None:
+            removed.append(_removed(doc, name, reason or "dropped"))
+            break
+    if current is not None:
+        kept.append(current)
+    return size
 
 
 def _merge_reports(reports: list[dict[str, Any]], per_reason: int) -> dict[str, Any]:
@@ -157,6 +172,9 @@ def clean(cfg: CleanConfig, docs: Path, out: Path) -> dict[str, Any]:
                 for result in pool.map(_clean_file, files, [cfg] * len(files)):
                     results.append(result)
                     bar.update(1)
+    file_errors = [r[4] for r in results if r[4]]
+    for err in file_errors:
+        info(f"clean: skipped the rest of a file: {err}")
     kept = [d for r in results for d in r[0]]
     removed = [d for r in results for d in r[1]]
     step_reports: dict[str, dict[str, Any]] = {}
@@ -185,11 +203,13 @@ def clean(cfg: CleanConfig, docs: Path, out: Path) -> dict[str, Any]:
         write_document_shards(removed, tmp / "removed", prefix="removed", meta_columns=REMOVED_COLUMNS)
         report = {
             "documents_in": len(kept) + len(removed), "documents_out": len(kept), "removed": len(removed),
-            "bytes_in": sum(r[3] for r in results), "bytes_out": counts["bytes"], "steps": step_reports,
+            "bytes_in": sum(r[3] for r in results), "bytes_out": counts["bytes"], "file_errors": file_errors,
+            "steps": step_reports,
             "seconds": round(time.time() - t0, 2),
         }
         atomic_write_json(tmp / "report.json", report)
         figures = {k: v for k, v in report.items() if k != "steps"}
+        figures["files_with_errors"] = len(file_errors)
         figures["removed_by_reason"] = {f"{name}/{reason}": n for name, rep in step_reports.items()
                                         for reason, n in rep["reasons"].items()}
         manifest = write_manifest(tmp, stage="clean", config=cfg, inputs={"docs": docs}, figures=figures)

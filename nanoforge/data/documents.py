@@ -60,6 +60,9 @@ def _read_parquet(path: Path) -> Iterator[Document]:
     names = set(pf.schema_arrow.names)
     if "text" not in names:
         raise NanoforgeError(f"{path}: Parquet file has no 'text' column")
+    text_type = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise NanoforgeError(f"{path}: column 'text' is {text_type}, expected a string column")
     cols = [c for c in CORE_COLUMNS if c in names]
     meta_cols = [f.name for f in pf.schema_arrow if f.name not in CORE_COLUMNS and pa.types.is_string(f.type)]
     row = 0
