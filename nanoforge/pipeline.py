@@ -11,7 +11,6 @@ A pretraining stage that was killed part-way resumes from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from nanoforge.errors import NanoforgeError
 from nanoforge.infer.sample import SampleConfig
 from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
 from nanoforge.tokens import TokenizeConfig, tokenize
-from nanoforge.train.checkpoint import latest_checkpoint
+from nanoforge.train.checkpoint import checkpoint_state, latest_checkpoint
 from nanoforge.train.loop import pretrain
 
 
@@ -182,8 +181,7 @@ def _resumable(out: Path, stage: Stage, cfg: Any) -> bool:
     ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").exists() else None
     if ckpt is None:
         return False
-    state = json.loads((ckpt / "state.json").read_text())
-    return state.get("train_config") == to_jsonable(stage.manifest_config(cfg))
+    return checkpoint_state(ckpt).get("train_config") == to_jsonable(stage.manifest_config(cfg))
 
 
 def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:

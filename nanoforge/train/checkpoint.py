@@ -33,17 +33,21 @@ from nanoforge.model import GPT, ModelConfig
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "heldout_sample.jsonl")
 
 
+def _stored_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The first name of each distinct storage: tied weights (e.g. a tied lm_head) are stored once."""
+    seen: set[int] = set()
+    names = []
+    for name, t in state.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            names.append(name)
+    return names
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with tied weights stored once (safetensors refuses shared storage)."""
-    seen: dict[int, str] = {}
-    out = {}
-    for name, t in model.state_dict().items():
-        ptr = t.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = name
-        out[name] = t.detach().contiguous().cpu()
-    return out
+    state = model.state_dict()
+    return {name: state[name].detach().contiguous().cpu() for name in _stored_names(state)}
 
 
 def load_model_state(model: nn.Module, path: Path) -> None:
@@ -53,7 +57,7 @@ def load_model_state(model: nn.Module, path: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise NanoforgeError(f"{path}: not a readable safetensors file ({e})") from None
     own = model.state_dict()
-    tied = {n for n in own if n not in state and _is_tied(model, n)}
+    tied = set(own) - set(_stored_names(own))  # restored through the weight they share
     missing = sorted(set(own) - set(state) - tied)
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -64,12 +68,6 @@ def load_model_state(model: nn.Module, path: Path) -> None:
             raise NanoforgeError(f"{path}: {name} has shape {tuple(t.shape)} but the model config "
                                  f"expects {tuple(own[name].shape)}")
     model.load_state_dict(state, strict=False)
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    own = model.state_dict()
-    ptr = own[name].data_ptr()
-    return any(n != name and t.data_ptr() == ptr for n, t in own.items())
 
 
 def save_model_artifact(model: GPT, out: Path, *, tokenizer_dir: Path | None, extra: dict | None = None) -> None:
@@ -161,9 +159,13 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from checkpoint `path`; return its state.json."""
-    state = json.loads((path / "state.json").read_text())
+def checkpoint_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json: step, loader position, configs (read before deciding to load it)."""
+    return json.loads((path / "state.json").read_text())
+
+
+def load_checkpoint(path: Path, state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Restore weights, optimizer and RNG states from checkpoint `path`, whose `checkpoint_state` is `state`."""
     load_model_state(model, path / "model.safetensors")
     by_name = dict(model.named_parameters())
     tensors = load_file(str(path / "optimizer.safetensors"))
@@ -190,4 +192,3 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
         states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
         if states:
             torch.cuda.set_rng_state_all(states)
-    return state

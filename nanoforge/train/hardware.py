@@ -52,8 +52,3 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
                 return flops if dtype == torch.bfloat16 else flops / 2  # tf32 ≈ half of bf16
         return 100e12
     return measured_matmul_flops(dtype)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 clearly faster than fp32 (AVX512-BF16 / AMX units)."""
-    return measured_matmul_flops(torch.bfloat16) > 1.5 * measured_matmul_flops(torch.float32)

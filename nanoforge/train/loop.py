@@ -12,7 +12,6 @@ holds everything a resumed run needs to produce the same weights as an uninterru
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -22,15 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanoforge.artifacts import read_manifest, write_manifest
+from nanoforge.artifacts import write_manifest
 from nanoforge.config import PretrainConfig, model_config, resolve_pretrain
 from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import generate
 from nanoforge.model import GPT
 from nanoforge.tokenizer import Tokenizer
-from nanoforge.tokens import TokenLoader
+from nanoforge.tokens import TokenLoader, read_token_manifest
 from nanoforge.train.checkpoint import (
+    checkpoint_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -69,12 +69,11 @@ def choose_dtype(model: GPT, cfg: PretrainConfig, device: torch.device) -> str:
     return "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
 
 
-def unigram_entropy(data: Path, vocab_size: int, max_tokens: int = 50_000_000) -> float:
+def unigram_entropy(data: Path, vocab_size: int, dtype: np.dtype, max_tokens: int = 50_000_000) -> float:
     """Entropy (nats/token) of the train split's token frequencies: the loss of a model with no context."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     seen = 0
     for shard in sorted(Path(data).glob("train-*.bin")):
-        dtype = np.uint16 if vocab_size <= 65536 else np.uint32
         arr = np.memmap(shard, dtype=dtype, mode="r")[: max_tokens - seen]
         counts += np.bincount(arr, minlength=vocab_size)[:vocab_size]
         seen += len(arr)
@@ -122,10 +121,8 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
     """Train a GPT on the token shards in `data`; write the model artifact and manifest into `out`."""
     cfg = resolve_pretrain(cfg)
     data, out = Path(data), Path(out)
-    tokens_manifest = read_manifest(data)
-    if tokens_manifest is None or not list(data.glob("train-*.bin")):
-        raise NanoforgeError(f"{data}: not a token-shard directory (run `nanoforge tokenize` first)")
-    tokenizer_dir = Path(tokenizer or tokens_manifest.get("inputs", {}).get("tokenizer", {}).get("path", ""))
+    shards = read_token_manifest(data)  # a clear error if `data` is not the output of `nanoforge tokenize`
+    tokenizer_dir = Path(tokenizer or shards.tokenizer)
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise NanoforgeError(f"{tokenizer_dir}: tokenizer.json not found (pass --tokenizer DIR)")
     tok = Tokenizer.load(tokenizer_dir)
@@ -163,11 +160,12 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if ckpt is not None:
-        saved_model = json.loads((ckpt / "state.json").read_text()).get("model") or {}
+        state = checkpoint_state(ckpt)
+        saved_model = state.get("model") or {}
         if saved_model != mcfg.to_dict():
             raise NanoforgeError(f"{ckpt}: checkpoint model config does not match this run's config "
                                  f"({_config_diff(saved_model, mcfg.to_dict())})")
-        state = load_checkpoint(ckpt, model, opt)
+        load_checkpoint(ckpt, state, model, opt)
         loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before = state.get("elapsed", 0.0)
@@ -183,13 +181,13 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
     token_bytes = token_bytes.to(device)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, DTYPES[dtype])
-    entropy = unigram_entropy(data, tok.vocab_size)
+    entropy = unigram_entropy(data, tok.vocab_size, shards.dtype)
     n_params = model.num_params()
     info(f"pretrain: {n_params / 1e6:.2f}M parameters ({mcfg.flavour}, depth {mcfg.n_layer}, "
-               f"width {mcfg.n_embd}), {cfg.max_steps} steps × {cfg.batch_tokens} tokens "
-               f"(accum {accum}), {dtype} on {device}; unigram entropy {entropy:.3f} nats/token")
+         f"width {mcfg.n_embd}), {cfg.max_steps} steps × {cfg.batch_tokens} tokens "
+         f"(accum {accum}), {dtype} on {device}; unigram entropy {entropy:.3f} nats/token")
 
-    def checkpoint_state() -> dict[str, Any]:
+    def resume_state() -> dict[str, Any]:
         return {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "model": mcfg.to_dict(),
                 "dtype": dtype, "elapsed": elapsed_before + time.time() - t_start,
                 "train_config": cfg}
@@ -238,7 +236,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
                 info(f"--- sample @ step {step}\n{s}")
         metrics.log(record)
         if step % cfg.ckpt_every == 0 or last:
-            save_checkpoint(ckpt_root, step, model, opt, checkpoint_state())
+            save_checkpoint(ckpt_root, step, model, opt, resume_state())
         tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps  # steadier display
         bar.set_postfix(loss=f"{loss_val:.3f}", **({"val": f"{last_eval['val_loss']:.3f}"} if last_eval else {}),
                         tok_s=f"{tps_ema:,.0f}", mfu=f"{100 * tps_ema * flops_per_token / peak:.1f}%")

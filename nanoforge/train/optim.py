@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from torch import nn
+
+from nanoforge.model import GPT
 
 
-def build_adamw(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
+def build_adamw(model: GPT, *, lr: float, weight_decay: float, betas: tuple[float, float],
                 device_type: str) -> torch.optim.AdamW:
-    """Two groups: ≥2-D weights decay (except embeddings), norms/biases/embeddings do not.
+    """Two groups (the model's `param_groups_for_weight_decay`): matrices decay; embeddings, norms and biases
+    do not. Frozen parameters are left out.
 
     The fused kernel (one launch for all parameters) exists on CUDA and, since torch 2.4, on CPU.
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = "wte" in name or "wpe" in name or "embed" in name
-        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    decay, no_decay = model.param_groups_for_weight_decay()
+    decay = [p for p in decay if p.requires_grad]
+    no_decay = [p for p in no_decay if p.requires_grad]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device_type in ("cpu", "cuda"))
