@@ -1,6 +1,6 @@
 """The run driver: stages in order over one run directory, skipping what is already done.
 
-    nanoforge run my-run.toml          # runs/<name>/01-corpus, 02-tokenizer, 03-tokens, 04-pretrain
+    nanoforge run my-run.toml          # runs/<name>/01-site, 02-crawl, 03-extract, 04-clean, … 08-pretrain
     nanoforge demo                     # the same, on the built-in config
 
 A stage is skipped when its directory's manifest records the same stage, the same config and the same
@@ -21,6 +21,7 @@ from typing import Any
 from nanoforge.artifacts import input_hash, read_manifest, to_jsonable
 from nanoforge.config import PretrainConfig, build, load_toml, resolve_pretrain
 from nanoforge.console import info
+from nanoforge.data.clean import CleanConfig, clean
 from nanoforge.data.crawl import CrawlConfig, crawl
 from nanoforge.data.docsite import build_site, serve_site
 from nanoforge.data.extract import ExtractConfig, extract
@@ -47,6 +48,7 @@ class PipelineConfig:
     site: CorpusConfig
     crawl: CrawlConfig
     extract: ExtractConfig
+    clean: CleanConfig
     tokenizer: TokenizerConfig
     stats: StatsConfig
     tokenize: TokenizeConfig
@@ -59,7 +61,7 @@ class PipelineConfig:
 
 
 SECTIONS = {"run": RunConfig, "site": CorpusConfig, "crawl": CrawlConfig, "extract": ExtractConfig,
-            "tokenizer": TokenizerConfig, "stats": StatsConfig,
+            "clean": CleanConfig, "tokenizer": TokenizerConfig, "stats": StatsConfig,
             "tokenize": TokenizeConfig, "pretrain": PretrainConfig, "sample": SampleConfig}
 
 
@@ -118,12 +120,13 @@ STAGES = [
     Stage("crawl", ["site"], lambda p: p.crawl, _run_crawl, manifest_config=_crawl_manifest_config),
     Stage("extract", ["crawl"], lambda p: p.extract,
           lambda p, ins, out, _: extract(p.extract, [ins["crawl"]], out)),
-    Stage("tokenizer", ["extract"], lambda p: p.tokenizer,
-          lambda p, ins, out, _: train_tokenizer(p.tokenizer, ins["extract"], out)),
-    Stage("stats", ["extract", "tokenizer"], lambda p: p.stats,
-          lambda p, ins, out, _: corpus_stats(p.stats, ins["extract"], out, ins["tokenizer"])),
-    Stage("tokens", ["extract", "tokenizer"], lambda p: p.tokenize,
-          lambda p, ins, out, _: tokenize(p.tokenize, ins["extract"], ins["tokenizer"], out)),
+    Stage("clean", ["extract"], lambda p: p.clean, lambda p, ins, out, _: clean(p.clean, ins["extract"], out)),
+    Stage("tokenizer", ["clean"], lambda p: p.tokenizer,
+          lambda p, ins, out, _: train_tokenizer(p.tokenizer, ins["clean"], out)),
+    Stage("stats", ["clean", "tokenizer"], lambda p: p.stats,
+          lambda p, ins, out, _: corpus_stats(p.stats, ins["clean"], out, ins["tokenizer"])),
+    Stage("tokens", ["clean", "tokenizer"], lambda p: p.tokenize,
+          lambda p, ins, out, _: tokenize(p.tokenize, ins["clean"], ins["tokenizer"], out)),
     Stage("pretrain", ["tokens", "tokenizer"], lambda p: p.pretrain, _run_pretrain,
           manifest_config=resolve_pretrain),
 ]
@@ -191,7 +194,10 @@ def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:
     lines = [f"run {p.run_dir}"]
     for name, out in outputs.items():
         f = (read_manifest(out) or {}).get("figures", {})
-        if name in CORPUS_STAGES:
+        if name == "clean":
+            lines.append(f"  clean      {f.get('documents_in')} documents in, {f.get('documents_out')} out; removed "
+                         + (", ".join(f"{k} {v}" for k, v in f.get("removed_by_reason", {}).items()) or "none"))
+        elif name in CORPUS_STAGES:
             scalars = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
             lines.append(f"  {name:<10} " + ", ".join(scalars[:7]))

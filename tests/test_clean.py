@@ -25,6 +25,12 @@ def prose(rng: random.Random, sentences: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _read(folder, pattern="docs-*.parquet"):
+    """Every row of the shards in `folder`, as one column dict, in shard order."""
+    tables = [pq.read_table(f).to_pydict() for f in sorted(folder.glob(pattern))]
+    return {k: [v for t in tables for v in t[k]] for k in tables[0]} if tables else {}
+
+
 def _write(path, docs):
     path.write_text("".join(json.dumps({"id": i, "text": t, "url": f"https://example.org/{i}"}) + "\n"
                             for i, t in docs))
@@ -45,11 +51,11 @@ def test_chain_removes_with_reasons_redacts_and_dedups(tmp_path):
     _write(src / "a.jsonl", docs[:4])
     _write(src / "b.jsonl", docs[4:])
     m = clean(CleanConfig(workers=2), src, tmp_path / "out")
-    kept = pq.read_table(next((tmp_path / "out").glob("docs-*.parquet"))).to_pydict()
+    kept = _read(tmp_path / "out")
     assert sorted(kept["id"]) == ["a-good", "b-dup", "g-pii"]  # b-dup: smallest id of its cluster
     assert "<EMAIL>" in kept["text"][kept["id"].index("g-pii")] and "alice" not in "".join(kept["text"])
     assert set(kept["language"]) == {"en"}
-    removed = pq.read_table(next((tmp_path / "out" / "removed").glob("*.parquet"))).to_pydict()
+    removed = _read(tmp_path / "out" / "removed", "*.parquet")
     why = dict(zip(removed["id"], zip(removed["step"], removed["reason"], removed["duplicate_of"], strict=True),
                    strict=True))
     assert why["e-french"][0] == "language" and why["f-short"][0] in ("language", "gopher_repetition",
@@ -63,8 +69,8 @@ def test_chain_removes_with_reasons_redacts_and_dedups(tmp_path):
     assert "near_dedup" in report_table(report)
     # the same output with one worker
     clean(CleanConfig(workers=1), src, tmp_path / "out1")
-    one = pq.read_table(next((tmp_path / "out1").glob("docs-*.parquet"))).to_pydict()
-    assert one == kept
+    assert _read(tmp_path / "out1") == kept
+    assert not (tmp_path / ".out.work").exists()  # the work directory goes once the output is in place
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
@@ -93,5 +99,59 @@ def test_a_bad_shard_is_reported_and_the_rest_is_cleaned(tmp_path):
     assert any("column 'text' is int64" in e for e in report["file_errors"])
     assert any("no 'text' column" in e for e in report["file_errors"])
     assert any("broken.jsonl:2: malformed JSON" in e for e in report["file_errors"])
-    kept = pq.read_table(next((tmp_path / "out").glob("docs-*.parquet"))).column("id").to_pylist()
+    kept = _read(tmp_path / "out")["id"]
     assert sorted(kept) == ["a", "b", "c"]  # c was read before its file broke
+
+
+def test_a_killed_run_resumes_at_shard_granularity(tmp_path, monkeypatch):
+    import nanoforge.data.clean as clean_mod
+
+    rng = random.Random(2)
+    src = tmp_path / "in"
+    src.mkdir()
+    base = prose(rng)
+    for k in range(4):  # shard 3 holds an exact duplicate of shard 0's first document
+        _write(src / f"s{k}.jsonl", [(f"s{k}-a", base if k in (0, 3) else prose(rng)), (f"s{k}-b", prose(rng))])
+    real, calls, die = clean_mod._clean_shard, [], {2}
+
+    def counted(path, index, work, cfg):
+        calls.append(index)
+        if index in die:
+            raise KeyboardInterrupt  # the process is killed while this shard runs
+        return real(path, index, work, cfg)
+
+    monkeypatch.setattr(clean_mod, "_clean_shard", counted)
+    with pytest.raises(KeyboardInterrupt):
+        clean(CleanConfig(workers=1), src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and calls == [0, 1, 2]
+    die.clear()
+    calls.clear()
+    m = clean(CleanConfig(workers=1), src, tmp_path / "out")
+    assert calls == [2, 3] and m["figures"]["shards_resumed"] == 2
+    clean(CleanConfig(workers=1), src, tmp_path / "fresh")
+    assert _read(tmp_path / "out") == _read(tmp_path / "fresh")
+    assert "s3-a" not in _read(tmp_path / "out")["id"] and "s0-a" in _read(tmp_path / "out")["id"]
+    # other settings: the work directory of a killed run is not reused
+    die.add(2)
+    with pytest.raises(KeyboardInterrupt):
+        clean(CleanConfig(workers=1), src, tmp_path / "out2")
+    die.clear()
+    calls.clear()
+    clean(CleanConfig(workers=1, steps=["exact_dedup"]), src, tmp_path / "out2")
+    assert calls == [0, 1, 2, 3]
+
+
+def test_local_and_ray_executors_give_identical_output(tmp_path):
+    rng = random.Random(3)
+    src = tmp_path / "in"
+    src.mkdir()
+    base = prose(rng)
+    for k in range(3):
+        _write(src / f"s{k}.jsonl", [(f"s{k}-a", base.replace("quiet", f"quiet{k}", 1)), (f"s{k}-b", prose(rng)),
+                                     (f"s{k}-c", prose(rng) + f"\nMail bob{k}@example.com today.")])
+    local = clean(CleanConfig(workers=2), src, tmp_path / "local")
+    ray_run = clean(CleanConfig(workers=2), src, tmp_path / "ray", executor="ray")
+    for pattern, folder in (("docs-*.parquet", ""), ("*.parquet", "removed")):
+        assert _read(tmp_path / "local" / folder, pattern) == _read(tmp_path / "ray" / folder, pattern)
+    assert local["figures"]["removed_by_reason"] == ray_run["figures"]["removed_by_reason"]
+    assert local["figures"]["removed_by_reason"]["near_dedup/near-duplicate"] == 2

@@ -7,7 +7,8 @@ from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
 def _tiny_run(tmp_path, **extra):
     sets = {
         "run.root": str(tmp_path), "run.name": "tiny", "site.modules": ",".join(TINY_MODULES[:6]),
-        "site.workers": "1", "crawl.delay": "0", "extract.workers": "1", "tokenizer.vocab_size": "400",
+        "site.workers": "1", "crawl.delay": "0", "extract.workers": "1", "clean.workers": "1",
+        "tokenizer.vocab_size": "400",
         "tokenize.val_fraction": "0.2",
         "tokenize.workers": "1", "pretrain.depth": "2", "pretrain.aspect": "32", "pretrain.head_dim": "16",
         "pretrain.seq_len": "64", "pretrain.batch_size": "4", "pretrain.batch_tokens": "256",
@@ -21,7 +22,7 @@ def _tiny_run(tmp_path, **extra):
 def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     p = _tiny_run(tmp_path)
     outputs = run_pipeline(p)
-    assert list(outputs) == ["site", "crawl", "extract", "tokenizer", "stats", "tokens", "pretrain"]
+    assert list(outputs) == ["site", "crawl", "extract", "clean", "tokenizer", "stats", "tokens", "pretrain"]
     for name, out in outputs.items():
         m = read_manifest(out)
         assert m["stage"] == name and m["figures"] and m["versions"]["torch"] and m["content_hash"]
@@ -30,7 +31,7 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     stamps = {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     capsys.readouterr()
     run_pipeline(p)
-    assert capsys.readouterr().err.count("up to date") == 7
+    assert capsys.readouterr().err.count("up to date") == 8
     assert stamps == {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     summary = run_summary(p, outputs)
     assert "val loss" in summary and "--- sample 1" in summary
@@ -42,9 +43,10 @@ def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
     run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420"}))
     err = capsys.readouterr().err
     assert "[site] up to date" in err and "[crawl] up to date" in err and "[extract] up to date" in err
+    assert "[clean] up to date" in err
     for stage in ("tokenizer", "stats", "tokens", "pretrain"):
         assert f"[{stage}] running" in err
     capsys.readouterr()
     run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420", "pretrain.max_steps": "14"}))
     err = capsys.readouterr().err
-    assert err.count("up to date") == 6 and "[pretrain] running" in err
+    assert err.count("up to date") == 7 and "[pretrain] running" in err

@@ -3,12 +3,19 @@
     nanoforge clean runs/demo/03-extract --out /tmp/clean [--config clean.toml]
 
 Each step takes documents and yields documents (`nanoforge.data.filters.Step`); a filter drops a
-document with a reason. The per-document steps run over the input files in a local process pool; then
-exact duplicates (hash of the normalized text) and near-duplicates (MinHash LSH, connected components,
-the smallest id kept per cluster) are removed across the whole corpus. Output, written atomically:
+document with a reason. Every input file is a shard and a task: the per-document steps run over it and
+it writes its kept documents, exact-dedup keys and MinHash band rows to a work directory beside the
+output (`.OUT.work/`). Tasks run in a local process pool, or on Ray with `executor="ray"` (on a
+multi-node cluster the paths must be on a shared filesystem). A finished shard is never redone: a killed
+run started again with the same inputs and config resumes at the first unfinished shard.
 
-    docs-00000.parquet …            the clean documents (language and other metadata as columns)
-    removed/removed-00000.parquet   every removed document with its step, reason and duplicate_of
+Then the corpus-wide steps, out of core: exact duplicates (hash of the normalized text, 16 bytes per
+document in memory) and near-duplicates (MinHash LSH: one band of every shard in memory at a time,
+buckets -> verified edges -> union-find; the smallest id of each cluster is kept). Last, each shard is
+rewritten without its duplicates. Output, written atomically (the work directory is removed after):
+
+    docs-SSSSS.parquet              the clean documents of input file SSSSS (language etc. as columns)
+    removed/removed-SSSSS.parquet   every removed document with its step, reason and duplicate_of
     report.json                     counts per step and reason, bytes in and out, examples per reason
     manifest.json
 
@@ -26,21 +33,32 @@ The config names the steps in order and gives each step's settings (the dataclas
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
+import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
-from nanoforge.artifacts import atomic_dir, atomic_write_json, write_manifest
+from nanoforge.artifacts import atomic_dir, atomic_write_json, to_jsonable, write_manifest
 from nanoforge.console import info
-from nanoforge.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, ExactDeduplicator, LSHConfig, near_duplicates
+from nanoforge.data.dedup import (
+    EXACT_DUPLICATE,
+    NEAR_DUPLICATE,
+    LSHConfig,
+    begin_signatures,
+    cluster,
+    exact_key,
+    find_edges,
+    write_shard_signatures,
+)
 from nanoforge.data.documents import Document, iter_documents, list_document_files, write_document_shards
+from nanoforge.data.executors import open_executor
 from nanoforge.data.filters import (
     C4Filter,
     FineWebQualityFilter,
@@ -105,26 +123,6 @@ def _removed(doc: Document, step: str, reason: str, duplicate_of: str = "") -> D
     return replace(doc, meta={**doc.meta, "step": step, "reason": reason, "duplicate_of": duplicate_of})
 
 
-def _clean_file(path: Path, cfg: CleanConfig) -> tuple[list[Document], list[Document], list[dict[str, Any]], int,
-                                                      str | None]:
-    """Run the per-document steps over one input file: (kept, removed, step reports, bytes in, file error).
-
-    A file that cannot be read as documents (a missing or mistyped `text` column, bad JSON, …) is not
-    fatal: the documents read before the error are kept, and the error is returned for the report.
-    """
-    steps = [(name, _build_step(name, cfg)) for name in cfg.steps if name in DOCUMENT_STEPS]
-    kept, removed, bytes_in, error = [], [], 0, None
-    try:
-        for doc in iter_documents(path):
-            bytes_in += _clean_one(doc, steps, kept, removed)
-    except NanoforgeError as e:
-        error = str(e)
-    reports = [{"name": name, **step.report(),
-                "redacted": {k.split("/", 1)[1]: v for k, v in step.stats.items() if k.startswith("redacted/")}}
-               for name, step in steps]
-    return kept, removed, reports, bytes_in, error
-
-
 def _clean_one(doc: Document, steps: list[tuple[str, Step]], kept: list[Document], removed: list[Document]) -> int:
     """Pass one document through the steps, appending it to `kept` or `removed`; its size in bytes."""
     size = len(doc.text.encode("utf-8", "replace"))
@@ -137,6 +135,74 @@ def _clean_one(doc: Document, steps: list[tuple[str, Step]], kept: list[Document
     if current is not None:
         kept.append(current)
     return size
+
+
+def _shard_dir(work: Path, index: int) -> Path:
+    return work / f"shard-{index:05d}"
+
+
+def _clean_shard(path: str, index: int, work: str, cfg: CleanConfig) -> int:
+    """One task: the per-document steps over input file `path`, written to `work/shard-NNNNN/`.
+
+    A file that cannot be read as documents (a missing or mistyped `text` column, bad JSON, …) is not
+    fatal: the documents read before the error are kept and the error goes to the report. The shard
+    directory appears (atomically) only when everything else of this shard is on disk, so its presence
+    is what marks the shard done.
+    """
+    steps = [(name, _build_step(name, cfg)) for name in cfg.steps if name in DOCUMENT_STEPS]
+    kept: list[Document] = []
+    removed: list[Document] = []
+    bytes_in, error = 0, None
+    try:
+        for doc in iter_documents(path):
+            bytes_in += _clean_one(doc, steps, kept, removed)
+    except NanoforgeError as e:
+        error = str(e)
+    if "near_dedup" in cfg.steps:
+        lsh = _lsh_config(cfg)
+        write_shard_signatures(Path(work) / "near", index, [d.id for d in kept],
+                               lsh.hasher().signatures(d.text for d in kept), lsh)
+    reports = {name: {**step.report(), "redacted": {k.split("/", 1)[1]: v for k, v in step.stats.items()
+                                                    if k.startswith("redacted/")}} for name, step in steps}
+    with atomic_dir(_shard_dir(Path(work), index)) as tmp:
+        write_document_shards(kept, tmp, prefix="kept", shard_bytes=1 << 62,
+                              meta_columns=sorted({k for d in kept for k in d.meta}))
+        write_document_shards(removed, tmp, prefix="removed", shard_bytes=1 << 62, meta_columns=REMOVED_COLUMNS)
+        np.save(tmp / "exact.npy", np.frombuffer(b"".join(exact_key(d.text) for d in kept), dtype=np.uint8
+                                                 ).reshape(-1, 16))
+        atomic_write_json(tmp / "result.json", {"file": path, "ids": [d.id for d in kept], "removed": len(removed),
+                                                "bytes_in": bytes_in, "error": error, "reports": reports})
+    return len(kept)
+
+
+def _finish_shard(index: int, work: str, out: str, drops: dict[str, list[str]], per_reason: int,
+                  ) -> dict[str, Any]:
+    """One task: shard `index` without its duplicates -> `out/docs-NNNNN.parquet`, removed documents with
+    their reason -> `out/removed/removed-NNNNN.parquet`; returns counts and dedup examples."""
+    shard = _shard_dir(Path(work), index)
+    kept, removed, examples = [], [], {}
+    for doc in iter_documents(shard / "kept-00000.parquet") if (shard / "kept-00000.parquet").exists() else ():
+        if doc.id in drops:
+            step, reason, of = drops[doc.id]
+            removed.append(_removed(doc, step, reason, of))
+            ex = examples.setdefault(step, [])
+            if len(ex) < per_reason:
+                ex.append({"id": doc.id, "url": doc.url, "text": doc.text[:200]})
+        else:
+            kept.append(doc)
+    if (shard / "removed-00000.parquet").exists():
+        removed = list(iter_documents(shard / "removed-00000.parquet")) + removed
+    out = Path(out)
+    counts = write_document_shards(kept, out, prefix=f"docs-{index:05d}", shard_bytes=1 << 62,
+                                   meta_columns=sorted({k for d in kept for k in d.meta}))
+    write_document_shards(removed, out / "removed", prefix=f"removed-{index:05d}", shard_bytes=1 << 62,
+                          meta_columns=REMOVED_COLUMNS)
+    for folder, prefix in ((out, "docs"), (out / "removed", "removed")):  # docs-NNNNN-00000 -> docs-NNNNN
+        written = folder / f"{prefix}-{index:05d}-00000.parquet"
+        if written.exists():
+            written.replace(folder / f"{prefix}-{index:05d}.parquet")
+    return {"documents": counts["documents"], "bytes": counts["bytes"], "removed": len(removed),
+            "examples": examples}
 
 
 def _merge_reports(reports: list[dict[str, Any]], per_reason: int) -> dict[str, Any]:
@@ -154,67 +220,118 @@ def _merge_reports(reports: list[dict[str, Any]], per_reason: int) -> dict[str, 
     return merged
 
 
-def clean(cfg: CleanConfig, docs: Path, out: Path) -> dict[str, Any]:
-    """Run the chain over the documents in `docs`; write clean shards, removed documents and the report."""
+def _exact_duplicates(work: Path, shards: int, ids: list[str], gone: dict[str, list[str]]) -> dict[str, str]:
+    """{dropped id: kept id} over the shards' 16-byte keys; documents already in `gone` take no part."""
+    keys = np.concatenate([np.load(_shard_dir(work, s) / "exact.npy") for s in range(shards)])
+    groups: dict[bytes, list[str]] = {}
+    for doc_id, key in zip(ids, keys, strict=True):
+        if doc_id not in gone:
+            groups.setdefault(key.tobytes(), []).append(doc_id)
+    drops = {}
+    for members in groups.values():
+        first = min(members)
+        drops.update({m: first for m in members if m != first})
+    return drops
+
+
+def _work_state(cfg: CleanConfig, files: list[Path]) -> dict[str, Any]:
+    """What a resumed run must share with the run that left the work directory: config and input files."""
+    return {"config": to_jsonable(cfg),
+            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _open_work(out: Path, cfg: CleanConfig, files: list[Path]) -> tuple[Path, int]:
+    """The work directory beside `out` (reset if it belongs to other inputs or settings); shards done."""
+    work = out.with_name(f".{out.name}.work")
+    state = _work_state(cfg, files)
+    try:
+        previous = json.loads((work / "state.json").read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != state:
+        if work.exists():
+            info(f"clean: {work} is from other inputs or settings; starting over")
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        atomic_write_json(work / "state.json", state)
+    if "near_dedup" in cfg.steps:
+        begin_signatures(work / "near", _lsh_config(cfg), len(files))
+    return work, sum(_shard_dir(work, i).exists() for i in range(len(files)))
+
+
+def clean(cfg: CleanConfig, docs: Path, out: Path, *, executor: str = "local", address: str | None = None,
+          ) -> dict[str, Any]:
+    """Run the chain over the documents in `docs`; write clean shards, removed documents and the report.
+
+    `executor` is "local" (a process pool of `cfg.workers`) or "ray" (`address` names a running cluster;
+    without it a local Ray instance is started). Both give the same output.
+    """
     _check(cfg)
     t0 = time.time()
     out = Path(out)
     files = [f for f in list_document_files(docs) if out.resolve() not in f.resolve().parents]  # not our output
-    workers = min(cfg.workers or os.cpu_count() or 1, len(files))
-    results = []
-    with tqdm(total=len(files), desc="clean", unit="file", dynamic_ncols=True) as bar:
-        if workers <= 1:
-            for f in files:
-                results.append(_clean_file(f, cfg))
+    if not files:
+        raise NanoforgeError(f"{docs}: no document files outside the output directory {out}")
+    work, done = _open_work(out, cfg, files)
+    todo = [i for i in range(len(files)) if not _shard_dir(work, i).exists()]
+    if done:
+        info(f"clean: resuming, {done} of {len(files)} shards already done in {work}")
+    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(files)))
+    with open_executor(executor, workers=workers, address=address) as ex:
+        with tqdm(total=len(files), initial=done, desc="clean", unit="shard", dynamic_ncols=True) as bar:
+            for _ in ex.map_unordered(_clean_shard, [(str(files[i]), i, str(work), cfg) for i in todo]):
                 bar.update(1)
-        else:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                for result in pool.map(_clean_file, files, [cfg] * len(files)):
-                    results.append(result)
-                    bar.update(1)
-    file_errors = [r[4] for r in results if r[4]]
-    for err in file_errors:
-        info(f"clean: skipped the rest of a file: {err}")
-    kept = [d for r in results for d in r[0]]
-    removed = [d for r in results for d in r[1]]
-    step_reports: dict[str, dict[str, Any]] = {}
-    for name in cfg.steps:
-        if name in DOCUMENT_STEPS:
-            step_reports[name] = _merge_reports([rep for r in results for rep in r[2] if rep["name"] == name],
-                                                cfg.examples_per_reason)
-    for name in (s for s in cfg.steps if s in CORPUS_STEPS):
-        reason = EXACT_DUPLICATE if name == "exact_dedup" else NEAR_DUPLICATE
-        dropped = (ExactDeduplicator().duplicates(kept) if name == "exact_dedup"
-                   else near_duplicates(kept, _lsh_config(cfg)))
-        gone = [d for d in kept if d.id in dropped]
-        removed += [_removed(d, name, reason, dropped[d.id]) for d in gone]
-        kept = [d for d in kept if d.id not in dropped]
-        step_reports[name] = {"kept": len(kept), "dropped": len(gone), "modified": 0,
-                              "reasons": {reason: len(gone)} if gone else {},
-                              "examples": {reason: [{"id": d.id, "url": d.url, "text": d.text[:200]}
-                                                    for d in gone[: cfg.examples_per_reason]]} if gone else {}}
-    if not kept:
-        top = Counter(f"{d.meta['step']}/{d.meta['reason']}" for d in removed).most_common(3)
-        raise NanoforgeError(f"{docs}: every document was removed ({', '.join(f'{r} {n}' for r, n in top)})")
-    meta_columns = sorted({k for d in kept for k in d.meta})
-    with atomic_dir(out) as tmp:
-        counts = write_document_shards(kept, tmp, meta_columns=meta_columns)
-        (tmp / "removed").mkdir()
-        write_document_shards(removed, tmp / "removed", prefix="removed", meta_columns=REMOVED_COLUMNS)
-        report = {
-            "documents_in": len(kept) + len(removed), "documents_out": len(kept), "removed": len(removed),
-            "bytes_in": sum(r[3] for r in results), "bytes_out": counts["bytes"], "file_errors": file_errors,
-            "steps": step_reports,
-            "seconds": round(time.time() - t0, 2),
-        }
-        atomic_write_json(tmp / "report.json", report)
-        figures = {k: v for k, v in report.items() if k != "steps"}
-        figures["files_with_errors"] = len(file_errors)
-        figures["removed_by_reason"] = {f"{name}/{reason}": n for name, rep in step_reports.items()
-                                        for reason, n in rep["reasons"].items()}
-        manifest = write_manifest(tmp, stage="clean", config=cfg, inputs={"docs": docs}, figures=figures)
+        results = [json.loads((_shard_dir(work, s) / "result.json").read_text()) for s in range(len(files))]
+        file_errors = [r["error"] for r in results if r["error"]]
+        for err in file_errors:
+            info(f"clean: skipped the rest of a file: {err}")
+        step_reports: dict[str, dict[str, Any]] = {
+            name: _merge_reports([r["reports"][name] for r in results], cfg.examples_per_reason)
+            for name in cfg.steps if name in DOCUMENT_STEPS}
+        ids = [i for r in results for i in r["ids"]]
+        gone: dict[str, list[str]] = {}  # dropped id -> [step, reason, duplicate_of]
+        for name in (s for s in cfg.steps if s in CORPUS_STEPS):
+            if name == "exact_dedup":
+                reason, dropped = EXACT_DUPLICATE, _exact_duplicates(work, len(files), ids, gone)
+            else:
+                reason = NEAR_DUPLICATE
+                find_edges(work / "near", exclude=gone)
+                dropped = cluster(work / "near")
+            gone.update({d: [name, reason, kept] for d, kept in dropped.items()})
+            step_reports[name] = {"kept": len(ids) - len(gone), "dropped": len(dropped), "modified": 0,
+                                  "reasons": {reason: len(dropped)} if dropped else {}, "examples": {}}
+        if len(gone) == len(ids):
+            top = Counter({f"{n}/{why}": c for n, rep in step_reports.items()
+                           for why, c in rep["reasons"].items()}).most_common(3)
+            raise NanoforgeError(f"{docs}: every document was removed ({', '.join(f'{r} {n}' for r, n in top)})")
+        by_shard = [{i: gone[i] for i in r["ids"] if i in gone} for r in results]
+        with atomic_dir(out) as tmp:
+            (tmp / "removed").mkdir()
+            finished: list[dict[str, Any]] = [{} for _ in files]
+            args = [(s, str(work), str(tmp), by_shard[s], cfg.examples_per_reason) for s in range(len(files))]
+            for s, res in tqdm(ex.map_unordered(_finish_shard, args), total=len(files), desc="write",
+                               unit="shard", dynamic_ncols=True):
+                finished[s] = res
+            for name in (s for s in cfg.steps if s in CORPUS_STEPS):
+                examples = sorted((e for f in finished for e in f["examples"].get(name, [])), key=lambda e: e["id"])
+                reason = EXACT_DUPLICATE if name == "exact_dedup" else NEAR_DUPLICATE
+                step_reports[name]["examples"] = {reason: examples[:cfg.examples_per_reason]} if examples else {}
+            report = {
+                "documents_in": len(ids) + sum(r["removed"] for r in results),
+                "documents_out": sum(f["documents"] for f in finished),
+                "removed": sum(f["removed"] for f in finished),
+                "bytes_in": sum(r["bytes_in"] for r in results), "bytes_out": sum(f["bytes"] for f in finished),
+                "shards": len(files), "shards_resumed": done, "file_errors": file_errors, "steps": step_reports,
+                "seconds": round(time.time() - t0, 2),
+            }
+            atomic_write_json(tmp / "report.json", report)
+            figures = {k: v for k, v in report.items() if k != "steps"}
+            figures["files_with_errors"] = len(file_errors)
+            figures["removed_by_reason"] = {f"{name}/{reason}": n for name, rep in step_reports.items()
+                                            for reason, n in rep["reasons"].items()}
+            manifest = write_manifest(tmp, stage="clean", config=cfg, inputs={"docs": docs}, figures=figures)
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
-
 
 def report_table(report: dict[str, Any]) -> str:
     """The report as a terminal table: one row per step and reason."""

@@ -37,12 +37,13 @@ import json
 import re
 import shutil
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nanoforge.artifacts import atomic_write_json
 from nanoforge.data.documents import Document, iter_documents, list_document_files, write_document_shards
 from nanoforge.errors import NanoforgeError
 
@@ -349,23 +350,39 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def compute_signatures(docs: Path | str, work: Path | str, cfg: LSHConfig | None = None) -> dict[str, int]:
-    """Phase 1: for each document file, `ids-SSSSS.json` and `band-BB/sig-SSSSS.npy` ((n, rows) uint32)."""
-    cfg = cfg or LSHConfig()
+def begin_signatures(work: Path | str, cfg: LSHConfig, shards: int) -> None:
+    """Phase 1 set-up: record the LSH settings and the shard count that phases 2 and 3 read back."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / "config.json", {**cfg.__dict__, "shards": shards})
+
+
+def write_shard_signatures(work: Path | str, shard: int, ids: Sequence[str], sig: np.ndarray, cfg: LSHConfig,
+                           ) -> None:
+    """Phase 1 output of one shard: `ids-SSSSS.json` and `band-BB/sig-SSSSS.npy` ((n, rows) uint32 each).
+
+    Shards are independent, so this runs inside each shard's task (any process, any machine that sees
+    `work`); a band's rows are contiguous on disk so phase 2 reads one band of every shard at a time.
+    """
+    work = Path(work)
+    for b in range(cfg.bands):
+        (work / f"band-{b:02d}").mkdir(parents=True, exist_ok=True)
+        _atomic_save(work / f"band-{b:02d}" / f"sig-{shard:05d}.npy",
+                     np.ascontiguousarray(sig[:, b * cfg.rows:(b + 1) * cfg.rows]))
+    atomic_write_json(work / f"ids-{shard:05d}.json", list(ids))
+
+
+def compute_signatures(docs: Path | str, work: Path | str, cfg: LSHConfig | None = None) -> dict[str, int]:
+    """Phase 1 over every document file of `docs`, one shard per file, in this process."""
+    cfg = cfg or LSHConfig()
     hasher = cfg.hasher()
     files = list_document_files(docs)
+    begin_signatures(work, cfg, len(files))
     n_docs = 0
     for s, f in enumerate(files):
         shard = list(iter_documents(f))
-        sig = hasher.signatures(d.text for d in shard)
-        for b in range(cfg.bands):
-            (work / f"band-{b:02d}").mkdir(exist_ok=True)
-            _atomic_save(work / f"band-{b:02d}" / f"sig-{s:05d}.npy", sig[:, b * cfg.rows:(b + 1) * cfg.rows])
-        (work / f"ids-{s:05d}.json").write_text(json.dumps([d.id for d in shard]))
+        write_shard_signatures(work, s, [d.id for d in shard], hasher.signatures(d.text for d in shard), cfg)
         n_docs += len(shard)
-    (work / "config.json").write_text(json.dumps({**cfg.__dict__, "shards": len(files)}))
     return {"documents": n_docs, "shards": len(files), "index_bytes": n_docs * cfg.num_perm * 4}
 
 
@@ -401,10 +418,14 @@ def _gatherer(work: Path, cfg: LSHConfig, offsets: np.ndarray):
     return gather
 
 
-def find_edges(work: Path | str) -> int:
-    """Phase 2: per band, merge the shards' band rows into buckets and write `edges-BB.npy`; total edges."""
+def find_edges(work: Path | str, exclude: Collection[str] = ()) -> int:
+    """Phase 2: per band, merge the shards' band rows into buckets and write `edges-BB.npy`; total edges.
+
+    Documents in `exclude` (already dropped by an earlier step) are not indexed, so they join no cluster.
+    """
     work = Path(work)
     cfg, ids, offsets = _load_work(work)
+    excluded = np.array([i in exclude for i in ids], dtype=bool) if exclude else np.zeros(len(ids), dtype=bool)
     rank = _id_rank(ids)
     gather = _gatherer(work, cfg, offsets)
     total = 0
@@ -413,7 +434,7 @@ def find_edges(work: Path | str) -> int:
         parts = [np.load(work / f"band-{b:02d}" / f"sig-{s:05d}.npy") for s in range(len(offsets) - 1)]
         rows = np.concatenate(parts) if parts else np.zeros((0, cfg.rows), np.uint32)
         if b == 0:  # an empty document is all 0xFFFFFFFF; band 0 says so for every band (as in memory)
-            valid = (rows != _EMPTY).any(axis=1)
+            valid = (rows != _EMPTY).any(axis=1) & ~excluded
         edges = _band_edges(rows, rank, valid, gather, cfg.threshold)
         _atomic_save(work / f"edges-{b:02d}.npy", edges)
         total += len(edges)
