@@ -6,6 +6,7 @@ the `ray` extra is not installed.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,9 @@ def slow_square(i: int) -> int:
 
 @pytest.fixture(scope="module")
 def ray_executor():
-    pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         # Ray workers import this test module by name; a real stage's functions live in the installed nanoforge
-        mp.setenv("PYTHONPATH", str(Path(__file__).parent))
+        mp.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)
         mp.delenv("RAY_ADDRESS", raising=False)
         with open_executor("ray", workers=2) as ex:
             yield ex
@@ -100,6 +100,12 @@ def test_task_exception_keeps_type_and_message(executor):
     assert sorted(executor.map_unordered(combine, ARGS)) == sorted(EXPECTED)
 
 
+def test_stopping_early_leaves_the_executor_usable(executor):
+    for _ in executor.map_unordered(slow_square, [(i,) for i in range(20)]):
+        break
+    assert dict(executor.map_unordered(combine, ARGS[:3])) == {0: 0, 1: 11, 2: 22}
+
+
 def test_empty_args(executor):
     assert list(executor.map_unordered(combine, [])) == []
 
@@ -120,6 +126,5 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
 
 
 def test_unreachable_ray_address_is_a_clear_error():
-    pytest.importorskip("ray")
     with pytest.raises(NanoforgeError, match="no Ray cluster answers at 127.0.0.1:1"):
         open_executor("ray", address="127.0.0.1:1")

@@ -122,8 +122,9 @@ class RayExecutor(Executor):
                     ray.init(address=address, **quiet)
                 except ConnectionError as e:
                     raise NanoforgeError(f"executor ray: cannot connect to the Ray cluster at {address}: {e}") from e
-            else:  # "local": start our own even if a `ray start` cluster runs on this machine
-                ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, **quiet)
+            else:  # "local": start our own even if a `ray start` cluster runs on this machine, on loopback only
+                ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", **quiet)
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def map_unordered(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, R]]:
@@ -153,8 +154,8 @@ class RayExecutor(Executor):
                         # and chaining e keeps the remote traceback in the report
                         raise e.cause from e
                     yield i, result
-        finally:
-            for ref in pending:
+        finally:  # a failed task or a caller that stops early: drop the rest (unless Ray is already shut down)
+            for ref in pending if ray.is_initialized() else ():
                 ray.cancel(ref)
 
     def close(self) -> None:
