@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nanoforge-installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install chromium demo test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# tests/test_web_chat.py drives the Debian chromium through Playwright (never `playwright install`)
+chromium:
+	@test -x /usr/bin/chromium || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$S apt-get update -qq && $$S apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(VENV)/bin/nanoforge demo
 
-test: install
+test: install chromium
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install chromium
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install

@@ -1,20 +1,15 @@
 import random
 
-import numpy as np
-
 from nanoforge.data.dedup import (
     EXACT_DUPLICATE,
     ExactDeduplicator,
     LSHConfig,
-    MinHasher,
-    estimated_jaccard,
     filter_shards,
     near_duplicates,
     near_duplicates_partitioned,
-    normalize_words,
-    shingles,
 )
 from nanoforge.data.documents import Document, iter_documents, write_document_shards
+from nanoforge.data.minhash import MinHasher, shingles
 
 VOCAB = [f"w{i}" for i in range(3000)]
 
@@ -33,45 +28,6 @@ def edit(rng: random.Random, words: list[str], k: int) -> list[str]:
 def jaccard(a: str, b: str) -> float:
     sa, sb = set(shingles(a)), set(shingles(b))
     return len(sa & sb) / len(sa | sb)
-
-
-def test_normalization_and_short_texts():
-    assert normalize_words("Héllo,  WORLD!\n\tＡＢＣ don't \ud800x") == ["héllo", "world", "abc", "dont", "x"]
-    assert shingles("one two three") == ["one two three"]
-    assert shingles(" ,; ") == []
-    assert len(shingles("a b c d e f")) == 2
-
-
-def test_minhash_matches_exact_jaccard():
-    rng = random.Random(0)
-    mh = MinHasher()
-    errors = []
-    for _ in range(60):
-        a = random_doc(rng, 300)
-        b = edit(rng, a, rng.randint(0, 60))
-        ta, tb = " ".join(a), " ".join(b)
-        sig = mh.signatures([ta, tb])
-        errors.append(abs(float(estimated_jaccard(sig[0], sig[1])) - jaccard(ta, tb)))
-    assert np.mean(errors) < 0.05
-
-
-def test_permutation_step_equals_modulo_formula():
-    mh = MinHasher(num_perm=16)
-    text = " ".join(random_doc(random.Random(1), 50))
-    hv = mh.shingle_hashes(text)
-    ref = [min(((int(a) * int(h)) % 2**64 + int(b)) % 2**64 % (2**61 - 1) & 0xFFFFFFFF for h in hv)
-           for a, b in zip(*mh.permutations, strict=True)]
-    assert mh.signatures([text])[0].tolist() == ref
-    assert [mh.shingle_hash(s) for s in shingles(text)] == hv.tolist()
-
-
-def test_matches_datasketch_bit_for_bit():
-    import datasketch  # a dev dependency: a missing one must fail, not skip
-    mh = MinHasher()
-    text = " ".join(random_doc(random.Random(2), 200))
-    m = datasketch.MinHash(num_perm=112, scheme="legacy", permutations=mh.permutations, hashfunc=mh.shingle_hash)
-    m.update_batch([s.encode() for s in shingles(text)])
-    assert m.hashvalues.astype(np.uint32).tolist() == mh.signatures([text])[0].tolist()
 
 
 def test_planted_near_duplicates_recall_precision():

@@ -4,10 +4,10 @@
     drops = near_duplicates(docs)                           # in memory, {dropped id: kept id}
 
     # out of core, the shape large pipelines use (each phase reads only what the previous one wrote):
-    compute_signatures("runs/x/02-clean", work)             # 1: per shard, signature rows split by band
+    compute_signatures("runs/x/03-extract", work)           # 1: per shard, signature rows split by band
     find_edges(work)                                        # 2: per band, buckets -> candidate edges
     drops = cluster(work)                                   # 3: union-find over all edges
-    filter_shards("runs/x/02-clean", drops, out)            # 4: rewrite the shards without the drops
+    filter_shards("runs/x/03-extract", drops, out)          # 4: rewrite the shards without the drops
 
 Choices, documented because they change what is dropped:
 - Normalization: NFKC, lowercase, punctuation and symbols removed (`[^\\w\\s]`, which also removes lone
@@ -23,9 +23,8 @@ Choices, documented because they change what is dropped:
   signature slots) is >= `threshold` (default 0.8). Verification is against the bucket's smallest-id
   member first, then greedily against the other verified representatives of that bucket, so a chain
   A~B~C still forms one cluster through union-find even where A and C are not similar.
-- MinHash is datasketch's "legacy" scheme: `((a*h + b) mod 2^64) mod (2^61-1)`, low 32 bits, with `h`
-  our 32-bit shingle hash, so `MinHasher.permutations` handed to `datasketch.MinHash(scheme="legacy",
-  permutations=..., hashfunc=MinHasher.shingle_hash)` gives bit-identical signatures.
+- Signatures come from the compiled `nanoforge.data.minhash.MinHasher` (datasketch's "legacy"
+  permutation scheme over our 32-bit shingle hash; bit-identical to datasketch given that hash).
 - Index size: the signature rows are the index, 4 bytes x num_perm per document (448 B at 112);
   band keys are recomputed in phase 2 rather than stored.
 """
@@ -34,9 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
-import unicodedata
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,23 +42,13 @@ import numpy as np
 
 from nanoforge.artifacts import atomic_write_json
 from nanoforge.data.documents import Document, iter_documents, list_document_files, write_document_shards
+from nanoforge.data.minhash import EMPTY, MinHasher, estimated_jaccard, normalize_words
 from nanoforge.errors import NanoforgeError
 
 EXACT_DUPLICATE = "exact-duplicate"
 NEAR_DUPLICATE = "near-duplicate"
 
-_MERSENNE = np.uint64((1 << 61) - 1)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_EMPTY = np.uint32(0xFFFFFFFF)  # signature of a document with no shingles (never indexed)
-_NONWORD = re.compile(r"[^\w\s]+")
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio) for polynomial combining
-_MAX_WORD_CACHE = 1 << 20
-_CHUNK_COLS = 4096  # shingles per permutation block: 112 x 4096 x 8 B = 3.7 MB stays near L2/L3
-
-
-def normalize_words(text: str) -> list[str]:
-    """The words dedup compares: NFKC, lowercase, punctuation/symbols/lone surrogates removed."""
-    return _NONWORD.sub("", unicodedata.normalize("NFKC", text).lower()).split()
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio) for combining a band's rows
 
 
 def _text_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
@@ -75,13 +62,6 @@ def _text_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
         start = end
 
 
-def shingles(text: str, ngram: int = 5) -> list[str]:
-    """Word n-grams of the normalized text (a 1..n-1 word text is one shingle); the reference for tests."""
-    words = normalize_words(text)
-    k = min(ngram, len(words))
-    return [" ".join(words[i:i + k]) for i in range(len(words) - k + 1)] if words else []
-
-
 def _fmix64(h: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finalizer: spreads the polynomial's bits before we keep the top 32."""
     h ^= h >> np.uint64(33)
@@ -90,111 +70,6 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     h *= np.uint64(0xC4CEB9FE1A85EC53)
     h ^= h >> np.uint64(33)
     return h
-
-
-class MinHasher:
-    """MinHash signatures (uint32, `num_perm` per document), computed for many documents at once.
-
-    A word is hashed once (blake2b, cached); a shingle's hash is a polynomial over its words' hashes,
-    computed for all shingles of a document in a few numpy operations; the `num_perm` permutations are
-    then applied to a block of shingles of many documents at once and reduced per document.
-    """
-
-    def __init__(self, num_perm: int = 112, ngram: int = 5, seed: int = 1, max_chars: int = 1_000_000):
-        if num_perm < 1 or ngram < 1 or max_chars < 1:
-            raise NanoforgeError("MinHasher: num_perm, ngram and max_chars must be positive")
-        self.num_perm, self.ngram, self.seed, self.max_chars = num_perm, ngram, seed, max_chars
-        # the same draw as datasketch's legacy scheme, so MinHash(seed=seed, scheme="legacy") agrees too
-        gen = np.random.RandomState(seed)
-        ab = np.array([(gen.randint(1, _MERSENNE, dtype=np.uint64), gen.randint(0, _MERSENNE, dtype=np.uint64))
-                       for _ in range(num_perm)], dtype=np.uint64)
-        self.a, self.b = ab[:, 0].copy(), ab[:, 1].copy()
-        self._words: dict[str, int] = {}
-
-    @property
-    def permutations(self) -> tuple[np.ndarray, np.ndarray]:
-        """(a, b) of the permutations, for `datasketch.MinHash(permutations=..., scheme="legacy")`."""
-        return self.a, self.b
-
-    def _word_hashes(self, words: list[str]) -> np.ndarray:
-        cache = self._words
-        if len(cache) > _MAX_WORD_CACHE:  # a bounded cache: a web-scale vocabulary must not grow memory
-            cache.clear()
-        out = np.empty(len(words), dtype=np.uint64)
-        for i, w in enumerate(words):
-            h = cache.get(w)
-            if h is None:
-                h = cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"),
-                                                              digest_size=8).digest(), "little")
-            out[i] = h
-        return out
-
-    def shingle_hashes(self, text: str) -> np.ndarray:
-        """32-bit hashes (in uint64) of the text's shingles, in order; empty if it has no words."""
-        wh = self._word_hashes(normalize_words(text[:self.max_chars]))
-        if len(wh) == 0:
-            return wh
-        k = min(self.ngram, len(wh))
-        n = len(wh) - k + 1
-        h = wh[:n].copy()
-        for j in range(1, k):
-            h *= _MIX
-            h += wh[j:j + n]
-        return _fmix64(h) >> np.uint64(32)
-
-    def shingle_hash(self, shingle: bytes | str) -> int:
-        """The hash of one shingle (its words joined by spaces): a `hashfunc` for datasketch."""
-        words = (shingle.decode("utf-8", "surrogatepass") if isinstance(shingle, bytes) else shingle).split(" ")
-        h = self._word_hashes(words)
-        acc = h[:1].copy()
-        for j in range(1, len(h)):
-            acc *= _MIX
-            acc += h[j:j + 1]
-        return int(_fmix64(acc)[0] >> np.uint64(32))
-
-    def _permute_min(self, hv: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """(num_perm, len(starts)) minima of the permuted hashes over each segment of `hv`."""
-        x = self.a[:, None] * hv[None, :]  # (num_perm, S), wraps mod 2^64 like datasketch
-        x += self.b[:, None]
-        # in-place `%` measured faster here than the Mersenne shift-and-add trick (whose masked subtract is slow)
-        x %= _MERSENNE
-        x &= _LOW32
-        return np.minimum.reduceat(x, starts, axis=1)
-
-    def signatures(self, texts: Iterable[str]) -> np.ndarray:
-        """(n, num_perm) uint32 signatures; a text with no words gets all 0xFFFFFFFF."""
-        hashes = [self.shingle_hashes(t) for t in texts]
-        sig = np.full((len(hashes), self.num_perm), _EMPTY, dtype=np.uint32)
-        batch: list[int] = []
-        cols = 0
-        for i, hv in enumerate(hashes):
-            if len(hv) == 0:
-                continue
-            if len(hv) > _CHUNK_COLS:  # a long document alone, blockwise with a running minimum
-                m = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint64)
-                for s in range(0, len(hv), _CHUNK_COLS):
-                    np.minimum(m, self._permute_min(hv[s:s + _CHUNK_COLS], np.zeros(1, np.int64))[:, 0], out=m)
-                sig[i] = m
-                continue
-            if cols + len(hv) > _CHUNK_COLS:
-                self._fill(sig, hashes, batch)
-                batch, cols = [], 0
-            batch.append(i)
-            cols += len(hv)
-        self._fill(sig, hashes, batch)
-        return sig
-
-    def _fill(self, sig: np.ndarray, hashes: list[np.ndarray], batch: list[int]) -> None:
-        if not batch:
-            return
-        parts = [hashes[i] for i in batch]
-        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
-        sig[batch] = self._permute_min(np.concatenate(parts), starts).T
-
-
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
-    """Fraction of equal slots, row-wise (the MinHash estimate of Jaccard similarity)."""
-    return (np.asarray(sig_a) == np.asarray(sig_b)).mean(axis=-1)
 
 
 # ---- exact dedup ----------------------------------------------------------------------------------------
@@ -334,7 +209,7 @@ def near_duplicates(docs: Iterable[Document], cfg: LSHConfig | None = None) -> d
     docs = list(docs)
     ids = [d.id for d in docs]
     sig = cfg.hasher().signatures(d.text for d in docs)
-    valid = (sig[:, :cfg.rows] != _EMPTY).any(axis=1)  # documents with no words are not indexed
+    valid = (sig[:, :cfg.rows] != EMPTY).any(axis=1)  # documents with no words are not indexed
     rank = _id_rank(ids)
     edges = [_band_edges(sig[:, b * cfg.rows:(b + 1) * cfg.rows], rank, valid, lambda i: sig[i], cfg.threshold)
              for b in range(cfg.bands)]
@@ -434,7 +309,7 @@ def find_edges(work: Path | str, exclude: Collection[str] = ()) -> int:
         parts = [np.load(work / f"band-{b:02d}" / f"sig-{s:05d}.npy") for s in range(len(offsets) - 1)]
         rows = np.concatenate(parts) if parts else np.zeros((0, cfg.rows), np.uint32)
         if b == 0:  # an empty document is all 0xFFFFFFFF; band 0 says so for every band (as in memory)
-            valid = (rows != _EMPTY).any(axis=1) & ~excluded
+            valid = (rows != EMPTY).any(axis=1) & ~excluded
         edges = _band_edges(rows, rank, valid, gather, cfg.threshold)
         _atomic_save(work / f"edges-{b:02d}.npy", edges)
         total += len(edges)
