@@ -49,3 +49,23 @@ def tiny_pretrain_config(**overrides) -> PretrainConfig:
                   sample_every=0, ckpt_every=10, dtype="fp32", seed=0)
     values.update(overrides)
     return PretrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A model artifact as `nanoforge pretrain` writes it, named `tiny-chat`: random weights, sharpened so
+    greedy replies are fixed (not meaningful) rather than noise."""
+    import torch
+
+    from nanoforge.model import GPT, ModelConfig
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.train.checkpoint import save_model_artifact
+
+    torch.manual_seed(0)
+    tok = Tokenizer.load(tiny_tokenizer)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, seq_len=64, n_layer=2, n_embd=32, n_head=4))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    out = tmp_path_factory.mktemp("model") / "tiny-chat"
+    save_model_artifact(model, out, tokenizer_dir=tiny_tokenizer)
+    return out

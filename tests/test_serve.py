@@ -1,0 +1,354 @@
+"""`nanoforge serve` (nanoforge/infer/server.py): the OpenAI client against it, request validation, the queue.
+
+python -m pytest tests/test_serve.py -q
+
+A tiny random GPT with the tiny tokenizer stands in for a trained model: at temperature 0 its replies are
+fixed, so every answer is checked against `generate` called directly. A scripted model (fixed reply,
+optionally one token at a time behind a gate) drives the queue, disconnect and stop-string tests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+import pytest
+
+from nanoforge.infer.chat import ChatModel, Sampling
+from nanoforge.infer.engine import generate
+from nanoforge.infer.server import create_app, run_server
+
+NAME = "tiny-chat"
+KEY = "sekret-key"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_chat_model: Path) -> Path:
+    return tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def cm(model_dir: Path) -> ChatModel:
+    return ChatModel.load(model_dir, "cpu")
+
+
+@pytest.fixture(scope="module")
+def url(cm: ChatModel) -> Iterator[str]:
+    with run_server(create_app(cm)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+
+
+class ScriptedModel(ChatModel):
+    """Replies `reply` whatever the prompt, one token at a time; each token waits for `gate` (if any) and
+    then `delay` seconds. Records the prompts it was given and how many tokens it produced."""
+
+    def __init__(self, base: ChatModel, reply: str, gate: threading.Event | None = None, delay: float = 0.0):
+        super().__init__(base.model, base.tok, name=base.name)
+        self.reply_ids = base.tok.encode(reply)
+        self.gate, self.delay = gate, delay
+        self.prompts: list[list[int]] = []
+        self.produced = 0
+
+    def stream(self, prompt: list[int], sampling: Sampling, stop_tokens) -> Generator[int, None, None]:
+        self.prompts.append(prompt)
+        for token in self.reply_ids[: sampling.max_new_tokens]:
+            if self.gate is not None:
+                assert self.gate.wait(20), "the test never opened the gate"
+            time.sleep(self.delay)
+            self.produced += 1
+            yield token
+
+
+def post(url: str, path: str, body: object, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST `body` (JSON, or bytes as they are); the status and the JSON answer."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path.lstrip("/"), data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url + path.lstrip("/"), headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def greedy(cm: ChatModel, prompt: list[int], n: int, stop: tuple[int, ...]) -> list[int]:
+    return generate(cm.model, [prompt], max_new_tokens=n, temperature=0.0, stop_tokens=stop)[0]
+
+
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What does json do?"}]
+
+
+def test_openai_chat_completion_streamed_and_not_equals_the_engine(cm: ChatModel, client: openai.OpenAI) -> None:
+    prompt = cm.chat_prompt(MESSAGES)
+    expected = greedy(cm, prompt, 12, cm.chat_stop)
+    r = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=0, max_tokens=12)
+    assert r.object == "chat.completion" and r.model == NAME
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == cm.tok.decode(expected)
+    assert r.choices[0].finish_reason == ("length" if len(expected) == 12 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(expected))
+    assert r.usage.total_tokens == len(prompt) + len(expected)
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1  # streamed in pieces, not in one block
+    assert "".join(deltas) == r.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == r.usage
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_openai_text_completion_streamed_and_not_equals_the_engine(cm: ChatModel, client: openai.OpenAI) -> None:
+    prompt_text = "Return the"
+    prompt = [cm.tok.bos_id, *cm.tok.encode(prompt_text)]
+    expected = greedy(cm, prompt, 10, cm.text_stop)
+    r = client.completions.create(model=NAME, prompt=prompt_text, temperature=0, max_tokens=10)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == cm.tok.decode(expected)
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(expected)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt=prompt_text, temperature=0, max_tokens=10, stream=True) if c.choices]
+    assert "".join(pieces) == r.choices[0].text
+
+
+def test_reply_is_cut_at_the_context_with_finish_reason_length(cm: ChatModel, client: openai.OpenAI) -> None:
+    words = 1
+    while len(cm.chat_prompt([{"role": "user", "content": "hello " * (words + 1)}])) < cm.seq_len - 6:
+        words += 1
+    messages = [{"role": "user", "content": "hello " * words}]
+    room = cm.seq_len - len(cm.chat_prompt(messages))
+    assert 0 < room < 16
+    expected = greedy(cm, cm.chat_prompt(messages), 64, cm.chat_stop)
+    r = client.chat.completions.create(model=NAME, messages=messages, temperature=0)  # no max_tokens: all room
+    assert r.usage.completion_tokens == len(expected) <= room
+    assert r.usage.total_tokens <= cm.seq_len
+    assert r.choices[0].finish_reason == ("length" if len(expected) == room else "stop")
+
+
+def test_models_health_page_and_headers(url: str, client: openai.OpenAI, cm: ChatModel) -> None:
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    status, _, body = get(url, "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok", "model": NAME, "pending": 0}
+    status, headers, body = get(url, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b"chat.js" in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, body = get(url, "/static/chat.js")
+    assert status == 200 and b"textContent" in body and b"innerHTML" not in body
+    status, _, body = get(url, "/static/../server.py")
+    assert status == 404
+    status, _, body = get(url, "/nowhere")
+    assert status == 404 and json.loads(body)["error"]["message"]
+
+
+OK_MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("chat/completions", {"messages": OK_MESSAGES}, 400, "model"),
+    ("chat/completions", {"model": 7, "messages": OK_MESSAGES}, 400, "model"),
+    ("chat/completions", {"model": "gpt-4", "messages": OK_MESSAGES}, 404, "model"),
+    ("chat/completions", {"model": NAME}, 400, "messages"),
+    ("chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
+    ("chat/completions", {"model": NAME, "messages": ["hi"]}, 400, "messages[0]"),
+    ("chat/completions", {"model": NAME, "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role"),
+    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "max_tokens": -3}, 400, "max_tokens"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "max_tokens": 10**9}, 400, "max_tokens"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "max_tokens": "12"}, 400, "max_tokens"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "max_tokens": True}, 400, "max_tokens"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "max_completion_tokens": 2.5}, 400,
+     "max_completion_tokens"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "temperature": "hot"}, 400, "temperature"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "temperature": 5}, 400, "temperature"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "top_p": 0}, 400, "top_p"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "top_k": 0}, 400, "top_k"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "n": 2}, 400, "n"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "seed": "x"}, 400, "seed"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "stream": "yes"}, 400, "stream"),
+    ("chat/completions", {"model": NAME, "messages": OK_MESSAGES, "stop": [""]}, 400, "stop"),
+    ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "word " * 200}]}, 400,
+     "messages"),
+    ("completions", {"model": NAME}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("chat/completions", b"{not json", 400, None),
+    ("chat/completions", b"[1, 2]", 400, None),
+    ("chat/completions", b"x" * (2 << 20), 413, None),
+])
+def test_bad_requests_get_a_4xx_with_a_message(url: str, path: str, body: object, status: int,
+                                                param: str | None) -> None:
+    got, answer = post(url, "v1/" + path, body)
+    assert got == status
+    error = answer["error"]
+    assert error["param"] == param and set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and (param is None or param.split("[")[0] in error["message"])
+
+
+def test_prompt_longer_than_the_context_names_the_limit(url: str, cm: ChatModel) -> None:
+    _, answer = post(url, "v1/chat/completions",
+                     {"model": NAME, "messages": [{"role": "user", "content": "word " * 200}]})
+    assert answer["error"]["code"] == "context_length_exceeded" and f"context is {cm.seq_len}" in \
+        answer["error"]["message"]
+
+
+def test_openai_client_sees_typed_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=NAME, messages=OK_MESSAGES, max_tokens=0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=OK_MESSAGES)
+
+
+def test_api_key_is_required_on_the_api_only(cm: ChatModel) -> None:
+    with run_server(create_app(cm, api_key=KEY)) as url:
+        body = {"model": NAME, "messages": OK_MESSAGES, "max_tokens": 2}
+        assert post(url, "v1/chat/completions", body)[0] == 401
+        status, answer = post(url, "v1/chat/completions", body, {"Authorization": "Bearer wrong"})
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert post(url, "v1/chat/completions", body, {"Authorization": f"Bearer {KEY}"})[0] == 200
+        assert get(url, "v1/models")[0] == 401
+        assert get(url, "health")[0] == 200 and get(url, "")[0] == 200  # the page asks for the key itself
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "v1", api_key=KEY, max_retries=0)
+        assert good.chat.completions.create(model=NAME, messages=OK_MESSAGES, max_tokens=3).usage.completion_tokens
+
+
+def test_concurrent_requests_are_queued_and_all_answered(cm: ChatModel, client: openai.OpenAI) -> None:
+    questions = [[{"role": "user", "content": f"question {i} about heapq"}] for i in range(6)]
+    expected = [cm.tok.decode(greedy(cm, cm.chat_prompt(m), 8, cm.chat_stop)) for m in questions]
+
+    def ask(i: int) -> str:
+        kw = dict(model=NAME, messages=questions[i], temperature=0, max_tokens=8)
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
+        return client.chat.completions.create(**kw).choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(ask, range(6))) == expected
+
+
+@contextmanager
+def _opened_at_exit(gate: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        gate.set()  # a failed test must not leave the worker waiting
+
+
+def test_full_queue_refuses_and_a_client_that_leaves_stops_its_generation(cm: ChatModel) -> None:
+    gate = threading.Event()
+    scripted = ScriptedModel(cm, "one two three four five six seven eight nine ten " * 3, gate, delay=0.01)
+    with run_server(create_app(scripted, max_pending=2)) as url, _opened_at_exit(gate):
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        leaving = http.client.HTTPConnection(host, int(port), timeout=20)
+        leaving.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": NAME, "messages": OK_MESSAGES, "stream": True}), {"Content-Type": "application/json"})
+        first = leaving.getresponse()
+        assert first.status == 200 and b"assistant" in first.readline()  # the opening chunk
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(post, url, "v1/chat/completions", {"model": NAME, "messages": OK_MESSAGES,
+                                                                     "max_tokens": 3})
+            deadline = time.monotonic() + 20
+            while json.loads(get(url, "health")[2])["pending"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status, answer = post(url, "v1/chat/completions", {"model": NAME, "messages": OK_MESSAGES})
+            assert status == 503 and "busy" in answer["error"]["message"]
+            leaving.sock.close()  # the first client disconnects mid-reply
+            leaving.close()
+            gate.set()
+            status, answer = queued.result(timeout=30)
+        assert status == 200 and answer["choices"][0]["message"]["content"] == cm.tok.decode(scripted.reply_ids[:3])
+        full = min(len(scripted.reply_ids), cm.seq_len - len(cm.chat_prompt(OK_MESSAGES)))
+        assert scripted.produced < full + 3  # the first reply was abandoned when its client left
+        deadline = time.monotonic() + 20
+        while json.loads(get(url, "health")[2])["pending"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(get(url, "health")[2])["pending"] == 0
+
+
+def test_stop_strings_cut_the_reply_streamed_or_not(cm: ChatModel) -> None:
+    scripted = ScriptedModel(cm, "Hello world. Goodbye world.")
+    with run_server(create_app(scripted)) as url:
+        client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=NAME, prompt="x", stop=["ld. G", "zzz"])
+        assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hello wor", "stop")
+        chunks = list(client.chat.completions.create(model=NAME, messages=OK_MESSAGES, stop="Goodbye",
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello world. "
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_cli_serve_starts_answers_and_stops_on_ctrl_c(model_dir: Path) -> None:
+    env = {**os.environ, "NANOFORGE_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "nanoforge", "serve", "--model", str(model_dir), "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {NAME} at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        assert get(url, "v1/models")[0] == 401  # the key came from $NANOFORGE_API_KEY
+        status, _, body = get(url, "v1/models", {"Authorization": f"Bearer {KEY}"})
+        assert status == 200 and json.loads(body)["data"][0]["max_model_len"] == 64
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class FailingModel(ChatModel):
+    """Writes one token, then its generation breaks (a stand-in for an out-of-memory or a bug)."""
+
+    def stream(self, prompt: list[int], sampling: Sampling, stop_tokens) -> Generator[int, None, None]:
+        yield self.tok.encode("a")[0]
+        raise RuntimeError("the accelerator caught fire")
+
+
+def test_a_failing_generation_answers_500_and_the_server_goes_on(cm: ChatModel) -> None:
+    failing = FailingModel(cm.model, cm.tok, name=NAME)
+    with run_server(create_app(failing)) as url:
+        status, answer = post(url, "v1/chat/completions", {"model": NAME, "messages": OK_MESSAGES})
+        assert status == 500 and "caught fire" in answer["error"]["message"]
+        req = urllib.request.Request(url + "v1/completions", method="POST", data=json.dumps(
+            {"model": NAME, "prompt": "x", "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            events = [line for line in resp.read().decode().split("\n\n") if line]
+        assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == "a"
+        assert "caught fire" in json.loads(events[1].removeprefix("data: "))["error"]["message"]
+        assert events[-1] == "data: [DONE]"
+        assert get(url, "health")[0] == 200
