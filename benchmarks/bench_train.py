@@ -14,14 +14,37 @@ same B·T tokens), the same autocast, the same optimizer (`torch.optim.AdamW(fus
 Timed rounds alternate ours/peer to spread the noise of a shared machine evenly; each side's figure is
 the median over rounds. GFLOP/s use one formula for both (`GPT.flops_per_token`: 6·N + 12·L·d·T),
 against the matmul peak measured in the same run. One JSON line is appended to --out.
+
+Two more modes:
+
+    python benchmarks/bench_train.py --nproc 1,2                  # CPU scaling of DDP over processes
+    python benchmarks/bench_train.py --nproc 1,2 --parallel fsdp
+    python benchmarks/bench_train.py --gpu                        # the gpt2-124m preset on a GPU
+
+`--nproc` launches `torchrun --nproc-per-node N` of this script for each N, each rank with `--threads`
+threads (default 1), and times our training step as `nanoforge pretrain` runs it (the same
+`parallelize`, `grad_sync` and fused AdamW, gloo on CPU) at a fixed global batch (`--global-batch`
+sequences, split over the ranks and accumulated). It prints tokens/s, the speedup over one process and
+its efficiency (speedup / N); the peer is one process with N threads on the same N cores, the other
+way to use them.
+
+`--gpu` times the gpt2-124m preset (12 × 768, seq 1024, micro-batch 16) with torch.compile and bf16
+autocast, ours and `transformers`' GPT2LMHeadModel of the same shape (sdpa attention), one after the
+other so each side's peak memory is its own; it prints tokens/s, MFU against the GPU's datasheet bf16
+peak (`nanoforge.train.hardware`; nanoGPT and torchtitan report 45-55 % on A100/H100 for this size)
+and peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,7 +52,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from nanoforge.model import GPT, ModelConfig
 
@@ -47,7 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--mlp-hidden", type=int, default=None, help="default: 8/3·d rounded up to 64")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=None,
+                   help="micro-batch (default 32; 8 per rank with --nproc; the preset's 16 with --gpu)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (default: both on CPU, bf16 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model (after compiling)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
@@ -55,11 +79,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (both sides)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="tiny shape and few steps, for smoke tests")
+    p.add_argument("--nproc", help="comma list of process counts: time DDP/FSDP scaling under torchrun")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="with --nproc")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="with --nproc: sequences per optimizer step over all ranks (default 4 × --batch)")
+    p.add_argument("--gpu", action="store_true", help="the gpt2-124m preset with compile + bf16 (on --device cuda)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
     p.add_argument("--out", type=Path, default=Path("bench-results/bench_train.jsonl"))
     args = p.parse_args()
+    if args.gpu and args.device == "cpu" and not args.quick:
+        args.device = "cuda"
     if args.quick:
         args.vocab, args.d_model, args.layers, args.heads, args.kv_heads = 512, 64, 2, 4, 2
         args.seq_len, args.batch, args.warmup, args.steps, args.rounds = 64, 4, 1, 2, 2
+    if args.nproc and args.threads is None:
+        args.threads = 1
+    if args.batch is None and not args.gpu:
+        args.batch = 8 if args.nproc else 32
     if args.dtypes is None:
         args.dtypes = "fp32,bf16" if args.device == "cpu" else "bf16"
     return args
@@ -96,6 +132,22 @@ def cpu_name() -> str:
 def build(cfg: ModelConfig, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     ours = GPT(cfg).to(device)
+    peer = build_peer(cfg, device)
+    n_ours, n_peer = ours.num_params(), sum(p.numel() for p in peer.parameters())
+    if n_ours != n_peer:
+        raise SystemExit(f"shape mismatch: ours has {n_ours} parameters, transformers {n_peer}")
+    return ours, peer
+
+
+def build_peer(cfg: ModelConfig, device: str) -> torch.nn.Module:
+    """`transformers`' model of our shape: GPT2LMHeadModel (no dropout) or LlamaForCausalLM, sdpa attention."""
+    if cfg.flavour == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_inner=cfg.mlp_hidden, activation_function="gelu_pytorch_tanh",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
+        )).to(device)
     peer_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.n_embd,
@@ -109,11 +161,7 @@ def build(cfg: ModelConfig, device: str) -> tuple[torch.nn.Module, torch.nn.Modu
         tie_word_embeddings=cfg.tie_embeddings,
         attn_implementation="sdpa",
     )
-    peer = LlamaForCausalLM(peer_cfg).to(device)
-    n_ours, n_peer = ours.num_params(), sum(p.numel() for p in peer.parameters())
-    if n_ours != n_peer:
-        raise SystemExit(f"shape mismatch: ours has {n_ours} parameters, transformers {n_peer}")
-    return ours, peer
+    return LlamaForCausalLM(peer_cfg).to(device)
 
 
 def make_step(
@@ -168,21 +216,230 @@ def time_pair(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Names
     return per_round
 
 
+def bench_shape(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(flavour="llama", vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.layers,
+                       n_embd=args.d_model, n_head=args.heads, n_kv_head=args.kv_heads, mlp_hidden=args.mlp_hidden)
+
+
+def append_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"appended to {path}")
+
+
+# ------------------------------------------------------------------------------------------ --nproc scaling
+
+
+def scaling_worker(args: argparse.Namespace) -> None:
+    """One rank under torchrun: time `nanoforge pretrain`'s step (parallelize, grad_sync, autocast, clip,
+    fused AdamW) at the global batch; rank 0 prints one `RESULT {json}` line."""
+    from nanoforge.train.distributed import grad_sync, init_distributed, parallelize
+    from nanoforge.train.loop import autocast
+    from nanoforge.train.optim import build_adamw
+
+    d, device = init_distributed("cpu")
+    torch.set_num_threads(args.threads)
+    cfg = bench_shape(args)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    dtype = args.dtypes.split(",")[0]
+    train_model = parallelize(model, d, device, parallel=args.parallel, bf16=dtype == "bf16", compile=args.compile)
+    opt = build_adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    accum = args.global_batch // (args.batch * d.world_size)
+    g = torch.Generator().manual_seed(1 + d.rank)
+    data = torch.randint(0, cfg.vocab_size, (accum, args.batch, cfg.seq_len + 1), generator=g)
+
+    def step() -> None:
+        for micro in range(accum):
+            with grad_sync(train_model, micro == accum - 1):
+                with autocast(device, dtype):
+                    loss = train_model(data[micro, :, :-1], data[micro, :, 1:])
+                (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    per_round = []
+    for _ in range(args.rounds):
+        if d.active:
+            torch.distributed.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if d.active:
+            torch.distributed.barrier()
+        per_round.append((time.perf_counter() - t0) / args.steps)
+    if d.main:
+        tok_s = args.global_batch * cfg.seq_len / statistics.median(per_round)
+        print("RESULT " + json.dumps({"procs": d.world_size, "threads": args.threads, "accum": accum,
+                                      "tok_s": round(tok_s, 1), "step_ms": [round(1e3 * t, 1) for t in per_round]}),
+              flush=True)
+    d.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: argparse.Namespace, procs: int, threads: int) -> dict:
+    """Run `scaling_worker` on `procs` torchrun ranks of `threads` threads each; rank 0's result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), __file__, "--worker",
+           "--threads", str(threads), "--parallel", args.parallel, "--global-batch", str(args.global_batch),
+           "--vocab", str(args.vocab), "--d-model", str(args.d_model), "--layers", str(args.layers),
+           "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--seq-len", str(args.seq_len),
+           "--batch", str(args.batch), "--dtypes", args.dtypes, "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--rounds", str(args.rounds)]
+    if args.mlp_hidden:
+        cmd += ["--mlp-hidden", str(args.mlp_hidden)]
+    if args.compile:
+        cmd.append("--compile")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    if run.returncode or not lines:
+        raise SystemExit(f"torchrun with {procs} processes failed:\n{run.stderr[-3000:]}")
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
+def scaling(args: argparse.Namespace) -> None:
+    counts = [int(n) for n in args.nproc.split(",")]
+    if args.global_batch is None:
+        args.global_batch = 4 * args.batch
+    for n in counts:
+        if args.global_batch % (args.batch * n):
+            raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch × {n}")
+    cores = os.cpu_count() or 1
+    cfg = bench_shape(args)
+    print(f"CPU scaling ({cpu_name()}, {cores} cores), torch {torch.__version__}: {args.parallel} over gloo, "
+          f"{args.threads} thread(s) per process, global batch {args.global_batch} × {cfg.seq_len} tokens, "
+          f"micro-batch {args.batch}, {args.dtypes.split(',')[0]}; d {cfg.n_embd}, layers {cfg.n_layer}, "
+          f"vocab {cfg.vocab_size}")
+    if max(counts) * args.threads > cores:
+        print(f"warning: {max(counts)} processes × {args.threads} threads > {cores} cores: oversubscribed")
+    rows = []
+    base = None
+    for n in counts:
+        ours = _launch(args, n, args.threads)
+        if base is None:
+            base = ours["tok_s"]
+        row = {"procs": n, "ours_tok_s": ours["tok_s"], "ours_step_ms": ours["step_ms"]}
+        line = f"{n} × {args.threads} thread(s): {ours['tok_s']:9.0f} tok/s"
+        if n != counts[0]:
+            speedup = ours["tok_s"] / base
+            peer = _launch(args, 1, n * args.threads)  # the same cores as one process's threads
+            row |= {"speedup": round(speedup, 3), "efficiency": round(speedup / (n / counts[0]), 3),
+                    "threads_tok_s": peer["tok_s"], "ratio_vs_threads": round(ours["tok_s"] / peer["tok_s"], 3)}
+            line += (f", speedup {speedup:.2f}x over {counts[0]} (efficiency {row['efficiency']:.0%}) | "
+                     f"1 process × {n * args.threads} threads {peer['tok_s']:9.0f} tok/s | "
+                     f"ratio {row['ratio_vs_threads']:.2f}x")
+        print(line, flush=True)
+        rows.append(row)
+    append_record(args.out, {
+        "bench": "train_scaling", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": cpu_name(), "cores": cores, "torch": torch.__version__, "parallel": args.parallel,
+        "threads_per_process": args.threads, "dtype": args.dtypes.split(",")[0], "global_batch": args.global_batch,
+        "micro_batch": args.batch, "shape": cfg.to_dict(), "compile": args.compile,
+        "timing": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "stat": "median"},
+        "results": rows,
+    })
+
+
+# ------------------------------------------------------------------------------------------------ --gpu
+
+
+def gpu_preset(args: argparse.Namespace) -> None:
+    """gpt2-124m with compile + bf16: tokens/s, MFU and peak memory, ours then transformers'."""
+    from nanoforge.config import PretrainConfig, model_config, resolve_pretrain
+    from nanoforge.train.hardware import peak_flops
+
+    device = args.device
+    preset = resolve_pretrain(PretrainConfig(preset="gpt2-124m"))
+    if args.quick:  # a smoke test of this path on any device: the same code, a tiny GPT-2
+        preset.depth, preset.aspect, preset.head_dim, preset.seq_len = 2, 32, 16, 64
+    cfg = model_config(preset, 512 if args.quick else 50257)
+    batch = args.batch or preset.batch_size
+    dtype = torch.bfloat16
+    flops_per_token = GPT(cfg).flops_per_token()
+    peak = peak_flops(torch.device(device), dtype)
+    hw = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
+    print(f"gpt2-124m preset{' (--quick: a tiny GPT-2)' if args.quick else ''} on {hw}: "
+          f"{flops_per_token / 1e6:.0f} MFLOP/token, micro-batch {batch} × {cfg.seq_len}, "
+          f"bf16 autocast, torch.compile; peak {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=g).to(device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    build(cfg, "cpu")  # exits unless the two models have the same parameter count
+    results = {}
+    for side in ("ours", "transformers"):
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device) if side == "ours" else build_peer(cfg, device)
+        step, compile_s = make_step(model, side == "ours", x, y, dtype, compiled=True)
+        for _ in range(args.warmup):
+            step()
+        secs = []
+        for _ in range(args.rounds):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step()
+            sync(device)
+            secs.append((time.perf_counter() - t0) / args.steps)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"{side}: loss is {loss.item()}")
+        tok_s = batch * cfg.seq_len / statistics.median(secs)
+        mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
+        results[side] = {"tok_s": round(tok_s, 1), "mfu": round(tok_s * flops_per_token / peak, 4),
+                         "peak_memory_gb": None if mem is None else round(mem, 2), "compile_s": round(compile_s, 1),
+                         "step_ms": [round(1e3 * t, 1) for t in secs]}
+        r = results[side]
+        print(f"{side:13s} {r['tok_s']:10.0f} tok/s, MFU {r['mfu']:.1%}"
+              + (f", peak memory {mem:.1f} GB" if mem is not None else "") + f" (compiled in {compile_s:.0f}s)",
+              flush=True)
+        del model, step
+    ratio = results["ours"]["tok_s"] / results["transformers"]["tok_s"]
+    print(f"ratio {ratio:.2f}x; MFU target ≥ 45% (nanoGPT, torchtitan): "
+          f"{'met' if results['ours']['mfu'] >= 0.45 else 'not met'}")
+    append_record(args.out, {
+        "bench": "train_gpu", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+        "hardware": hw, "torch": torch.__version__, "transformers": transformers.__version__,
+        "shape": cfg.to_dict() | {"batch": batch}, "flops_per_token": flops_per_token, "peak_flops": peak,
+        "dtype": "bf16", "compile": True, "quick": args.quick,
+        "timing": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "stat": "median"},
+        "results": results, "ratio": round(ratio, 3),
+    })
+
+
+# ------------------------------------------------------------------------------------------------ default
+
+
 def main() -> None:
     args = parse_args()
+    if args.worker:
+        scaling_worker(args)
+    elif args.nproc:
+        scaling(args)
+    elif args.gpu:
+        gpu_preset(args)
+    else:
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The default mode: ours vs LlamaForCausalLM, alternating rounds (see the module docstring)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    cfg = ModelConfig(
-        flavour="llama",
-        vocab_size=args.vocab,
-        seq_len=args.seq_len,
-        n_layer=args.layers,
-        n_embd=args.d_model,
-        n_head=args.heads,
-        n_kv_head=args.kv_heads,
-        mlp_hidden=args.mlp_hidden,
-    )
+    cfg = bench_shape(args)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len + 1), generator=g).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -249,10 +506,7 @@ def main() -> None:
         "quick": args.quick,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {args.out}")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":

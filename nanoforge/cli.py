@@ -10,6 +10,10 @@
     nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
     nanoforge pretrain --data tokens/ --out model/ --preset cpu-tiny
     nanoforge sample --model model/ --prompt "Return the"
+    nanoforge chat --model model/                    # talk in the terminal (streams tokens)
+    nanoforge serve --model model/ --port 8000       # OpenAI-compatible API + web chat on 127.0.0.1
+    nanoforge export --model model/ --format hf --out hf/   # a transformers checkpoint + tokenizer
+    nanoforge import --from hf/ --out model/         # a Llama/Qwen3/GPT-2 transformers checkpoint → ours
     nanoforge run my-run.toml                        # stages in order, skipping what is done
 """
 
@@ -102,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", type=Path, help="TOML with a [clean] table: steps = [...], [clean.options.STEP]")
     p.add_argument("--steps", help="comma-separated steps, in order (overrides the config)")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=int, help="parallel shard tasks (default: one per core)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where shard tasks run: a local process pool, or Ray (pip install 'nanoforge[ray]'); "
+                        "a killed run started again resumes at the first unfinished shard")
+    p.add_argument("--ray-address", help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray); "
+                                         "input and output must be on a filesystem every node sees")
 
     p = sub.add_parser("stats", help="measure a corpus (documents, bytes, words, tokens) and project its size",
                        description="Count documents, bytes, words and tokens (with --tokenizer, else estimated at 4 "
@@ -149,9 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="cpu-tiny (default), cpu-small, gpt2-124m, llama-1b")
     p.add_argument("--depth", type=int, help="the scaling dial: transformer blocks (rescales width, lr)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA, off on CPU)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="under torchrun: replicate the model on every rank (ddp, default) or shard it (fsdp)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward: less memory, ~30%% more compute")
+    p.add_argument("--max-time", help="stop cleanly with a checkpoint after this long: seconds, 90m, 2h")
+    p.add_argument("--profile", action="store_true", default=None,
+                   help="write a torch profiler trace of a few steps into OUT/profile/")
     _add_training_flags(p)
 
     p = sub.add_parser("sample", help="continue a prompt with a trained model (KV-cache generation)")
@@ -165,6 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("chat", help="talk with a model in the terminal (chat template, streamed tokens)",
+                       description="A multi-turn chat: each reply streams as it is generated. /reset starts over, "
+                                   "/exit or Ctrl-D leaves, Ctrl-C stops a reply. The oldest turns are dropped "
+                                   "when the conversation outgrows the model's context.")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--system", help="system message at the start of the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply, at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="reply i is sampled with seed + i")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+    p = sub.add_parser("serve", help="serve a model: OpenAI-compatible HTTP API and a web chat page",
+                       description="/v1/chat/completions and /v1/completions (streaming by Server-Sent Events "
+                                   "or not), /v1/models, /health, and a web chat at /. Requests are queued and "
+                                   "answered one at a time.")
+    p.add_argument("--model", type=Path, required=True, help="model directory (its name is the model id)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOFORGE_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+    p = sub.add_parser("export", help="write a model as a transformers checkpoint (with its tokenizer)",
+                       description="Write the model artifact as a Hugging Face transformers checkpoint that "
+                                   "AutoModelForCausalLM/AutoTokenizer load: LlamaForCausalLM (Qwen3ForCausalLM "
+                                   "with qk_norm) or GPT2LMHeadModel, safetensors weights, a chat template.")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers (the only format)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model directory)")
+
+    p = sub.add_parser("import", help="read a transformers checkpoint (Llama, Mistral, Qwen3, GPT-2) as a model",
+                       description="Read a Hugging Face transformers checkpoint directory (config.json + "
+                                   "safetensors, sharded or not; pickled .bin weights are refused) into a "
+                                   "nanoforge model artifact for sampling and fine-tuning.")
+    p.add_argument("--from", dest="src", type=Path, required=True, help="transformers checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+
     sub.add_parser("presets", help="list the model/training presets and their sizes")
     return parser
 
@@ -175,7 +233,11 @@ def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    import os
+    import signal
+
     from nanoforge.config import PretrainConfig, build, load_toml, parse_sets
+    from nanoforge.train.faults import TrainingStopped
     from nanoforge.train.loop import pretrain
 
     values: dict[str, Any] = {}
@@ -183,11 +245,19 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         raw = load_toml(args.config)
         values.update(raw.get("pretrain", {k: v for k, v in raw.items() if not isinstance(v, dict)}))
     values.update(parse_sets(args.set))
-    values.update(_overrides(args, ["preset", "depth", "dtype", "compile", "device", "threads",
+    values.update(_overrides(args, ["preset", "depth", "dtype", "compile", "device", "threads", "parallel",
+                                    "activation_checkpointing", "max_time", "profile",
                                     "max_steps", "lr", "batch_size", "seed"]))
     cfg = build(PretrainConfig, values, "pretrain")
-    pretrain(cfg, args.data, args.out, resume=args.resume, tokenizer=args.tokenizer)
-    print(f"model written to {args.out}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one rank speaks
+    try:
+        pretrain(cfg, args.data, args.out, resume=args.resume, tokenizer=args.tokenizer)
+    except TrainingStopped as e:  # a checkpoint is written: SIGTERM exits as killed by it, max_time cleanly
+        if main_rank:
+            print(e, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM if e.reason == "SIGTERM" else 0) from None
+    if main_rank:
+        print(f"model written to {args.out}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -220,6 +290,39 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(text)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from nanoforge.infer.chat import ChatConfig, ChatModel, chat
+
+    cfg = ChatConfig(system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
+    chat(ChatModel.load(args.model, args.device), cfg)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from nanoforge.infer.server import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+          max_pending=args.max_queue)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from nanoforge.hf import ExportConfig, export_hf
+
+    f = export_hf(ExportConfig(format=args.format, dtype=args.dtype), args.model, args.out, args.tokenizer)["figures"]
+    print(f"{f['architecture']} ({f['parameters'] / 1e6:.1f}M parameters, {f['dtype']}) written to {args.out}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from nanoforge.hf import import_hf
+
+    f = import_hf(args.src, args.out)["figures"]
+    print(f"{f['model_type']} model ({f['flavour']} flavour, {f['parameters'] / 1e6:.1f}M parameters) "
+          f"written to {args.out}")
+    if not f["nanoforge_tokenizer"]:
+        print("note: its tokenizer is not a nanoforge tokenizer (special tokens at ids 0..8), so `sample`, "
+              "`chat` and fine-tuning need one", file=sys.stderr)
 
 
 def cmd_site(args: argparse.Namespace) -> None:
@@ -271,7 +374,8 @@ def cmd_clean(args: argparse.Namespace) -> None:
         values["steps"] = [s for s in args.steps.split(",") if s]
     if args.workers is not None:
         values["workers"] = args.workers
-    clean(build(CleanConfig, values, "clean"), args.docs, args.out)
+    clean(build(CleanConfig, values, "clean"), args.docs, args.out, executor=args.executor,
+          address=args.ray_address)
     print(report_table(json.loads((args.out / "report.json").read_text())))
 
 
@@ -338,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_pretrain, "tokenize": cmd_tokenize, "sample": cmd_sample, "corpus": cmd_corpus,
         "run": cmd_run, "demo": lambda a: cmd_run(a, demo=True), "presets": cmd_presets,
         "tokenizer": cmd_tokenizer_train, "site": cmd_site, "crawl": cmd_crawl, "extract": cmd_extract,
-        "stats": cmd_stats, "clean": cmd_clean,
+        "stats": cmd_stats, "clean": cmd_clean, "chat": cmd_chat, "serve": cmd_serve,
+        "export": cmd_export, "import": cmd_import,
     }
     try:
         handlers[args.command](args)

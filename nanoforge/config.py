@@ -61,8 +61,17 @@ class PretrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto measures on CPU, bf16 on capable GPUs
-    compile: bool = False
+    compile: bool | None = None  # torch.compile; None: on CUDA yes (it pays), on CPU no
     device: str = "auto"  # auto | cpu | cuda
+    # --- parallelism and memory (see train/distributed.py) ---
+    parallel: str = "ddp"  # ddp | fsdp: how the ranks of a torchrun launch share the model
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    # --- fault handling ---
+    spike_factor: float = 3.0  # a loss above spike_factor × its running mean is a spike: step skipped (0: off)
+    max_bad_steps: int = 3  # this many skipped steps in a row roll back to the last checkpoint…
+    rollback_lr_factor: float = 0.5  # … and multiply the learning rate by this from then on
+    max_time: str | None = None  # stop cleanly with a checkpoint after this long: seconds, "90m", "2h"
+    profile: bool = False  # write a torch profiler trace of a few steps into OUT/profile/
     # --- bookkeeping ---
     eval_every: int | None = None
     eval_batches: int = 8
@@ -89,12 +98,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(  # GPT-2 small (124 M): the nanoGPT reference run, on GPUs
         depth=12, aspect=64, head_dim=64, flavour="gpt2", kv_groups=1, seq_len=1024,
         batch_size=16, batch_tokens=524288, max_steps=19073, warmup_steps=715, lr=6e-4,
-        eval_every=250, sample_every=1000, ckpt_every=1000, compile=True,
+        eval_every=250, sample_every=1000, ckpt_every=1000,
     ),
     "llama-1b": dict(  # Llama-3.2-1B shape (16 × 2048, GQA 32/8, SwiGLU 8192): multi-GPU
         depth=16, aspect=128, head_dim=64, flavour="llama", kv_groups=4, mlp_hidden=8192,
         rope_theta=500000.0, tie_embeddings=True, seq_len=2048, batch_size=8, batch_tokens=1048576, max_steps=20000,
-        warmup_steps=2000, lr=3e-4, eval_every=500, sample_every=2000, ckpt_every=1000, compile=True,
+        warmup_steps=2000, lr=3e-4, eval_every=500, sample_every=2000, ckpt_every=1000,
     ),
 }
 
@@ -136,7 +145,30 @@ def resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         raise NanoforgeError(f"pretrain: schedule must be 'cosine' or 'wsd', got {out.schedule!r}")
     if out.dtype not in ("auto", "fp32", "bf16"):
         raise NanoforgeError(f"pretrain: dtype must be auto, fp32 or bf16, got {out.dtype!r}")
+    if out.parallel not in ("ddp", "fsdp"):
+        raise NanoforgeError(f"pretrain: parallel must be ddp or fsdp, got {out.parallel!r}")
+    if out.spike_factor < 0 or out.max_bad_steps < 1 or not 0 < out.rollback_lr_factor <= 1:
+        raise NanoforgeError(f"pretrain: need spike_factor >= 0, max_bad_steps >= 1 and 0 < rollback_lr_factor "
+                             f"<= 1 (got {out.spike_factor}, {out.max_bad_steps}, {out.rollback_lr_factor})")
+    if out.max_time is not None:
+        parse_duration(out.max_time)  # refuse a malformed one now, not hours into the run
     return out
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in `text`: a number of seconds, or a number with a unit s/m/h/d ("90m", "2h", "1.5d")."""
+    raw = str(text).strip().lower()
+    unit = _UNITS.get(raw[-1:], None)
+    try:
+        seconds = float(raw[:-1] if unit else raw) * (unit or 1)
+    except ValueError:
+        raise NanoforgeError(f"max_time: expected seconds or a duration like 90m, 2h, got {text!r}") from None
+    if not seconds > 0:
+        raise NanoforgeError(f"max_time: must be positive, got {text!r}")
+    return seconds
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:

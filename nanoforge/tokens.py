@@ -370,10 +370,14 @@ class TokenLoader:
     """Batches of (B, T) windows from one split's shards, shuffled per epoch, disjoint across ranks.
 
     The split's shards form one token stream, cut into `num_windows` non-overlapping windows of T+1
-    tokens (stride T). Epoch e visits a permutation of the windows drawn from (seed, e); rank r takes
-    every `world_size`-th window of it (the same count on every rank, so DDP ranks stay in step). A
-    batch may run from one epoch into the next. `state_dict()` is two integers and a few checks, and a
-    loader that loads it yields exactly the batches the saved one would have yielded next.
+    tokens (stride T). Epoch e visits a permutation of the windows drawn from (seed, e); the epochs
+    follow one another as one global stream of windows. Each `next_batch` call takes the next
+    `batch_size × world_size` windows of that stream and rank r keeps rows [r·B, (r+1)·B), so the
+    windows a step trains on are the same at any world size (one process with accumulation sees the
+    same set as eight ranks without), and the ranks never share a window. A batch may run from one
+    epoch into the next. `state_dict()` is the global position (two integers) and a few checks; it is
+    the same on every rank, and a loader that loads it, at this world size or another, continues the
+    global stream exactly where the saved one stopped.
     """
 
     def __init__(self, data_dir: Path | str, split: str = "train", *, batch_size: int, seq_len: int,
@@ -395,47 +399,55 @@ class TokenLoader:
             raise NanoforgeError(f"{data_dir}: the {split!r} split has {self.num_tokens} tokens, fewer than "
                                  f"seq_len + 1 = {seq_len + 1}")
         self.num_windows = (self.num_tokens - 1) // seq_len
-        self.windows_per_rank = self.num_windows // world_size
-        if self.windows_per_rank == 0:
-            raise NanoforgeError(f"{data_dir}: the {split!r} split has {self.num_windows} windows of "
-                                 f"{seq_len + 1} tokens, fewer than world_size = {world_size}")
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch = 0
-        self.cursor = 0  # windows of this epoch's share already handed out
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, this rank's windows in order)
+        self.cursor = 0  # windows of this epoch already handed out, over all ranks
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation of the windows)
 
     def _epoch_windows(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             rng = np.random.default_rng([self.seed % 2**64, epoch])
-            perm = rng.permutation(self.num_windows)
-            self._order = (epoch, perm[self.rank :: self.world_size][: self.windows_per_rank])
+            self._order = (epoch, rng.permutation(self.num_windows))
         return self._order[1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), each (B, T) int64, y[:, t] = x[:, t + 1] in the stream."""
-        windows = np.empty(self.batch_size, dtype=np.int64)
+    def _advance(self, n: int) -> np.ndarray:
+        """The next `n` windows of the global stream (all ranks' rows); moves the position past them."""
+        windows = np.empty(n, dtype=np.int64)
         filled = 0
-        while filled < self.batch_size:
+        while filled < n:
             order = self._epoch_windows(self.epoch)
-            take = min(self.batch_size - filled, self.windows_per_rank - self.cursor)
+            take = min(n - filled, self.num_windows - self.cursor)
             windows[filled : filled + take] = order[self.cursor : self.cursor + take]
             filled += take
             self.cursor += take
-            if self.cursor == self.windows_per_rank:
+            if self.cursor == self.num_windows:
                 self.epoch, self.cursor = self.epoch + 1, 0
-        return self._batch(windows)
+        return windows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each (B, T) int64, y[:, t] = x[:, t + 1] in the stream."""
+        B = self.batch_size
+        rows = self._advance(B * self.world_size)[self.rank * B : (self.rank + 1) * B]
+        return self._batch(rows)
 
     def iter_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's windows in stream order, unshuffled, for evaluation; the last batch may be short.
+        """The split's first `max_batches × batch_size` windows (all by default) in stream order, for
+        evaluation; the set does not depend on the world size.
 
-        Independent of `next_batch` and its state: every call starts from the beginning.
+        They are dealt out like `next_batch` deals a step: B·world_size rows at a time, rank r keeping
+        rows [r·B, (r+1)·B). Rows past the end repeat window 0 with every target -100 (ignored by the
+        loss), so every rank runs the same number of full batches, as sharded models need. Independent
+        of `next_batch` and its state: every call starts from the beginning.
         """
-        windows = np.arange(self.rank, self.windows_per_rank * self.world_size, self.world_size)
-        for b, start in enumerate(range(0, len(windows), self.batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
-            yield self._batch(windows[start : start + self.batch_size])
+        B = self.batch_size
+        n = self.num_windows if max_batches is None else min(self.num_windows, max_batches * B)
+        for start in range(0, n, B * self.world_size):
+            rows = np.arange(start + self.rank * B, start + (self.rank + 1) * B)
+            real = int((rows < n).sum())  # the padding rows, if any, are the last ones
+            x, y = self._batch(np.where(rows < n, rows, 0))
+            y[real:] = -100
+            yield x, y
 
     def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # torch is imported here, not at the top, so `tokenize`'s worker processes start without it
@@ -459,19 +471,20 @@ class TokenLoader:
             k += 1
 
     def state_dict(self) -> dict[str, int]:
-        """The position (epoch, cursor) plus what it is only valid for; JSON-able."""
+        """The global position (epoch, cursor) plus what it is only valid for; JSON-able, the same on
+        every rank and valid at any world size."""
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
-                "world_size": self.world_size, "num_windows": self.num_windows}
+                "num_windows": self.num_windows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved position; refuses one saved for other data, seq_len, seed or ranks."""
+        """Continue from a saved position; refuses one saved for other data, seq_len or seed."""
         mine = self.state_dict()
-        diff = [f"{k} {state.get(k)} vs {mine[k]}" for k in ("seed", "seq_len", "world_size", "num_windows")
+        diff = [f"{k} {state.get(k)} vs {mine[k]}" for k in ("seed", "seq_len", "num_windows")
                 if state.get(k) != mine[k]]
         if diff:
             raise NanoforgeError(f"loader state does not fit this {self.split!r} loader "
                                  f"(saved vs now: {', '.join(diff)})")
-        if not 0 <= int(state["cursor"]) < self.windows_per_rank or int(state["epoch"]) < 0:
+        if not 0 <= int(state["cursor"]) < self.num_windows or int(state["epoch"]) < 0:
             raise NanoforgeError(f"loader state: position epoch {state['epoch']}, cursor {state['cursor']} "
                                  f"is out of range")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

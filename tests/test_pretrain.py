@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,12 +9,16 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_pretrain_config
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from nanoforge.config import parse_duration, resolve_pretrain
 from nanoforge.errors import NanoforgeError
-from nanoforge.train.checkpoint import load_model_artifact
+from nanoforge.train.checkpoint import latest_checkpoint, load_model_artifact
+from nanoforge.train.faults import LossGuard, TrainingStopped
 from nanoforge.train.loop import pretrain
 from nanoforge.train.metrics import MetricsLog
+from nanoforge.train.schedule import lr_at
 
 
 def test_pretrain_learns_and_writes_a_complete_artifact(tiny_tokens, tmp_path):
@@ -129,3 +134,86 @@ def test_sample_command_continues_the_prompt_reproducibly(tiny_tokens, tmp_path,
     greedy = capsys.readouterr().out.split("--- sample 2\n")
     assert greedy[0].removeprefix("--- sample 1\n") == greedy[1]  # greedy: both samples agree
     assert main(["sample", "--model", str(out), "--max-new-tokens", "0"]) == 2
+
+
+def _optimizer_steps(ckpt: Path) -> int:
+    """AdamW's own count of the updates it applied, read from a checkpoint's shards."""
+    with safe_open(str(next((ckpt / "dcp").glob("*.safetensors"))), "pt") as f:
+        return int(f.get_tensor("optim.wte.weight.step"))
+
+
+def test_nan_losses_are_skipped_and_a_streak_rolls_back_with_a_lower_lr(tiny_tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOFORGE_TEST_NAN_STEPS", "3,7,8,9")
+    cfg = tiny_pretrain_config(max_steps=12, ckpt_every=5, eval_every=100, max_bad_steps=3, rollback_lr_factor=0.5)
+    out = tmp_path / "model"
+    f = pretrain(cfg, tiny_tokens, out)["figures"]
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))  # steps 6-9 were rolled back and run again
+    assert rows[2]["skipped"] == "nonfinite" and "loss" not in rows[2] and rows[2]["skipped_steps"] == 1
+    assert all("skipped" not in r and math.isfinite(r["loss"]) for r in rows[3:])
+    resolved = resolve_pretrain(cfg)
+    schedule = [lr_at(s, peak=resolved.lr, warmup=resolved.warmup_steps, total=12) for s in range(12)]
+    assert [r["lr"] for r in rows[:5]] == pytest.approx(schedule[:5])
+    assert [r["lr"] for r in rows[5:]] == pytest.approx([0.5 * lr for lr in schedule[5:]])  # after the rollback
+    assert (rows[5]["skipped_steps"], rows[5]["rollbacks"]) == (4, 1)
+    assert (f["skipped_steps"], f["rollbacks"], f["lr_scale"], f["steps"]) == (4, 1, 0.5, 12)
+    # 12 steps, but the NaN step 3 made no update (and the rolled-back 7-9 left none behind)
+    assert _optimizer_steps(out / "checkpoints" / "step-0000012") == 11
+
+
+def test_a_streak_of_bad_steps_before_any_checkpoint_is_a_clear_error(tiny_tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOFORGE_TEST_NAN_STEPS", "1,2")
+    with pytest.raises(NanoforgeError, match="2 bad steps in a row .* before the first checkpoint"):
+        pretrain(tiny_pretrain_config(max_steps=4, max_bad_steps=2), tiny_tokens, tmp_path / "model")
+
+
+def test_loss_guard_flags_spikes_against_the_running_mean():
+    guard = LossGuard(spike_factor=2.0, max_bad_steps=2, rollback_lr_factor=0.1)
+    assert all(guard.judge(4.0 - 0.01 * i, 1.0) is None for i in range(10))
+    assert guard.judge(7.0, 1.0) is None  # below 2 × ~3.95
+    ema = guard.ema
+    assert guard.judge(9.0, 1.0) == "spike" and guard.ema == ema  # a bad loss does not move the mean
+    assert not guard.must_roll_back
+    assert guard.judge(3.0, float("inf")) == "nonfinite" and guard.must_roll_back
+    guard.rolled_back({"ema": 4.0, "good_steps": 5})
+    assert (guard.skipped, guard.rollbacks, guard.bad_in_row, guard.lr_scale) == (2, 1, 0, pytest.approx(0.1))
+
+
+def test_max_time_stops_with_a_checkpoint_that_resumes_exactly(tiny_tokens, tmp_path):
+    ref = tmp_path / "ref"
+    pretrain(tiny_pretrain_config(max_steps=8, ckpt_every=100), tiny_tokens, ref)
+    out = tmp_path / "model"
+    with pytest.raises(TrainingStopped, match="stopped by max_time after step 1") as stopped:
+        pretrain(tiny_pretrain_config(max_steps=8, ckpt_every=100, max_time="1e-6"), tiny_tokens, out)
+    assert stopped.value.step == 1 and latest_checkpoint(out / "checkpoints").name == "step-0000001"
+    assert not (out / "manifest.json").exists()
+    pretrain(tiny_pretrain_config(max_steps=8, ckpt_every=100), tiny_tokens, out, resume=True)
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)  # one process resumes bit for bit
+
+
+def test_durations_parse_and_bad_ones_are_refused():
+    assert (parse_duration("90"), parse_duration("90m"), parse_duration("2h"), parse_duration(1.5)) == (90, 5400,
+                                                                                                        7200, 1.5)
+    for bad in ("soon", "-1h", "0"):
+        with pytest.raises(NanoforgeError, match="max_time"):
+            parse_duration(bad)
+
+
+def test_activation_checkpointing_changes_memory_not_results(tiny_tokens, tmp_path):
+    pretrain(tiny_pretrain_config(max_steps=3), tiny_tokens, tmp_path / "plain")
+    pretrain(tiny_pretrain_config(max_steps=3, activation_checkpointing=True), tiny_tokens, tmp_path / "ac")
+    la = [r["loss"] for r in MetricsLog.read(tmp_path / "plain" / "metrics.jsonl")]
+    lb = [r["loss"] for r in MetricsLog.read(tmp_path / "ac" / "metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-6)
+    wa, wb = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "ac"))
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-6 for k in wa)
+
+
+def test_profile_writes_a_chrome_trace_of_three_steps(tiny_tokens, tmp_path):
+    out = tmp_path / "model"
+    pretrain(tiny_pretrain_config(max_steps=5, profile=True), tiny_tokens, out)
+    events = json.loads((out / "profile" / "trace-rank0.json").read_text())["traceEvents"]
+    steps = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"]
+    assert any("aten::mm" in str(e.get("name")) for e in events)  # the model's matmuls are in it

@@ -181,22 +181,22 @@ def test_each_epoch_visits_every_window_once_in_a_seeded_order(stream):
     assert sorted(next_epoch) == sorted(epoch) and next_epoch != epoch
 
 
-def test_ranks_take_disjoint_equal_shares(stream):
-    world = 3
-    loaders = [TokenLoader(stream, batch_size=4, seq_len=16, rank=r, world_size=world) for r in range(world)]
-    per_rank = loaders[0].windows_per_rank
-    assert per_rank == loaders[0].num_windows // world and per_rank % 4 != 0  # batches straddle epochs
-    seen = [set() for _ in range(world)]
-    for r, loader in enumerate(loaders):
-        rows = np.concatenate(batches(loader, per_rank))[:per_rank]  # exactly one epoch of this rank
-        seen[r] = {int(s) // 16 for s in rows[:, 0]}
-        assert len(seen[r]) == per_rank
-    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+def test_ranks_split_the_one_process_stream_into_disjoint_rows(stream):
+    world, B = 3, 4
+    single = TokenLoader(stream, batch_size=B * world, seq_len=16, seed=2)
+    loaders = [TokenLoader(stream, batch_size=B, seq_len=16, rank=r, world_size=world, seed=2) for r in range(world)]
+    n = single.num_windows // (B * world) + 3  # into the second epoch: a global batch straddles the boundary
+    for whole in batches(single, n):
+        parts = [batches(loader, 1)[0] for loader in loaders]
+        assert np.array_equal(np.concatenate(parts), whole)  # rank r holds rows [r·B, (r+1)·B)
+        starts = [set(p[:, 0].tolist()) for p in parts]
+        assert not (starts[0] & starts[1]) and not (starts[1] & starts[2]) and not (starts[0] & starts[2])
+    assert all(loader.state_dict() == single.state_dict() for loader in loaders)
 
 
 def test_resume_from_state_dict_yields_the_same_batches(stream):
     loader = TokenLoader(stream, batch_size=7, seq_len=16, rank=1, world_size=2, seed=5)
-    batches(loader, 13)  # into the second epoch (13 × 7 > 81 windows per rank)
+    batches(loader, 13)  # into the second epoch (13 × 14 > 162 windows)
     state = json.loads(json.dumps(loader.state_dict()))
     expected = batches(loader, 20)
     resumed = TokenLoader(stream, batch_size=7, seq_len=16, rank=1, world_size=2, seed=5)
@@ -206,14 +206,42 @@ def test_resume_from_state_dict_yields_the_same_batches(stream):
         TokenLoader(stream, batch_size=7, seq_len=8, rank=1, world_size=2, seed=5).load_state_dict(state)
 
 
+def test_a_position_saved_at_one_world_size_continues_at_another(stream):
+    two = [TokenLoader(stream, batch_size=3, seq_len=16, rank=r, world_size=2, seed=1) for r in range(2)]
+    for loader in two:
+        batches(loader, 30)  # 180 windows: past the end of the first epoch
+    one = TokenLoader(stream, batch_size=6, seq_len=16, seed=1)
+    one.load_state_dict(json.loads(json.dumps(two[0].state_dict())))
+    expected = [np.concatenate([batches(loader, 1)[0] for loader in two]) for _ in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, batches(one, 5), strict=True))
+
+
 def test_iter_batches_reads_the_split_in_order_from_the_start(stream):
     loader = TokenLoader(stream, "val", batch_size=4, seq_len=16)
     loader.next_batch()  # evaluation does not depend on (or move) the training position
-    xs = [x.numpy() for x, _ in loader.iter_batches()]
-    assert [len(x) for x in xs] == [4, 4, 4, 4, 2]  # 299 // 16 = 18 windows
-    assert np.array_equal(np.concatenate(xs)[:, 0], np.arange(18) * 16)
+    pairs = list(loader.iter_batches())
+    assert [len(x) for x, _ in pairs] == [4, 4, 4, 4, 4]  # 299 // 16 = 18 windows, the last 2 rows padding
+    xs, ys = np.concatenate([x.numpy() for x, _ in pairs]), np.concatenate([y.numpy() for _, y in pairs])
+    assert np.array_equal(xs[:18, 0], np.arange(18) * 16) and (ys[18:] == -100).all() and (ys[:18] >= 0).all()
     assert len(list(loader.iter_batches(2))) == 2
     assert loader.state_dict()["cursor"] == 4
+
+
+def _real_windows(loader: TokenLoader, max_batches: int) -> tuple[int, set[int]]:
+    """(batches, starts of the windows that are not padding) of `loader.iter_batches(max_batches)`."""
+    pairs = list(loader.iter_batches(max_batches))
+    assert all(len(x) == loader.batch_size for x, _ in pairs)
+    real = {int(row[0]) for x, y in pairs for row, t in zip(x.numpy(), y.numpy(), strict=True) if (t >= 0).all()}
+    return len(pairs), real
+
+
+def test_iter_batches_shares_the_same_windows_out_over_ranks(stream):
+    """Every rank runs the same number of full batches; together they cover what one process reads."""
+    n_one, one = _real_windows(TokenLoader(stream, "val", batch_size=2, seq_len=16), 3)
+    (n0, rank0), (n1, rank1) = (_real_windows(TokenLoader(stream, "val", batch_size=2, seq_len=16, rank=r,
+                                                          world_size=2), 3) for r in range(2))
+    assert (n_one, n0, n1, len(one)) == (3, 2, 2, 6)
+    assert rank0 | rank1 == one and not rank0 & rank1
 
 
 def test_loader_errors_name_the_problem(stream, tmp_path):

@@ -1,14 +1,23 @@
 """Checkpoints and model artifacts, all in safetensors + JSON (nothing is ever unpickled).
 
-A training checkpoint is a directory `checkpoints/step-000100/` holding
+A training checkpoint is a directory `checkpoints/step-0000100/` written by every rank together:
 
-    model.safetensors       weights
-    optimizer.safetensors   AdamW moments and step counts, keyed by parameter name
-    rng.safetensors         torch RNG states (CPU and every CUDA device)
-    state.json              step, tokens seen, loader position, optimizer hyper-parameters, configs
+    dcp/shard-0000R-model-00001-of-00001.safetensors
+                            weights and AdamW moments, as `torch.distributed.checkpoint` (DCP) saves
+                            them: each rank writes the pieces it holds (its FSDP shards; under DDP
+                            the replicated tensors are split among the ranks), each piece's offsets
+                            in the whole tensor in the file header
+    rng/rank-0000R.safetensors
+                            each rank's torch RNG states (CPU and CUDA)
+    state.json              step, tokens seen, the loader's global position, optimizer hyper-parameters,
+                            fault counters, configs (rank 0)
 
-written into a temp directory and renamed into place; `checkpoints/latest` (written atomically after)
-names the newest complete one. A kill at any moment leaves the previous checkpoint usable.
+DCP reads the pieces back into whatever layout the resuming run has, so a checkpoint written by 8
+FSDP ranks resumes on 1 process, on 2 DDP ranks, or the reverse. The files are the safetensors that
+DCP's `HuggingFaceStorageWriter` writes, whose reader rebuilds the layout from the headers, so loading
+unpickles nothing. All ranks write into `.step-0000100.tmp/`, meet at a barrier, and rank 0 renames it
+into place and then points `checkpoints/latest` at it: a kill at any moment leaves the previous
+checkpoint usable. (Across nodes, `--out` must be on a filesystem every node sees.)
 
 A model artifact (the output of pretrain, sft, …) is `model.safetensors` + `config.json` + the
 tokenizer files, loadable with `load_model_artifact(dir)`.
@@ -16,19 +25,27 @@ tokenizer files, loadable with `load_model_artifact(dir)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nanoforge.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from nanoforge.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, ModelConfig
+from nanoforge.train.distributed import Dist, barrier, stored_names
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "heldout_sample.jsonl")
 
@@ -70,10 +87,13 @@ def load_model_state(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def save_model_artifact(model: GPT, out: Path, *, tokenizer_dir: Path | None, extra: dict | None = None) -> None:
-    """Write model.safetensors + config.json (+ tokenizer files) into the existing directory `out`."""
+def save_model_artifact(model: GPT, out: Path, *, tokenizer_dir: Path | None, extra: dict | None = None,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model.safetensors + config.json (+ tokenizer files) into the existing directory `out`.
+
+    `state` gives the weights when `model` does not hold them whole (gathered from FSDP shards)."""
     out.mkdir(parents=True, exist_ok=True)
-    blob = save(model_state(model), metadata={"format": "pt", "producer": "nanoforge"})
+    blob = save(model_state(model) if state is None else state, metadata={"format": "pt", "producer": "nanoforge"})
     atomic_write_bytes(out / "model.safetensors", blob)
     atomic_write_json(out / "config.json", {"model": model.cfg.to_dict(), **(extra or {})})
     if tokenizer_dir is not None:
@@ -110,16 +130,6 @@ def load_model_artifact(model_dir: Path | str, device: str | torch.device = "cpu
 # training checkpoints
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                t = value if torch.is_tensor(value) else torch.tensor(value)
-                out[f"{names[id(p)]}::{key}"] = t.detach().contiguous().cpu()
-    return out
-
-
 def _rng_tensors() -> dict[str, torch.Tensor]:
     out = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -128,23 +138,57 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it works "in a single process" even when told to: one process is a normal run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _tensor_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """{"model": weights, "optim": AdamW state} keyed by parameter name (sharded views under FSDP), and
+    the optimizer's param groups. A tied weight is kept once (safetensors refuses shared storage)."""
+    msd, osd = get_state_dict(model, opt)
+    names = set(stored_names(model))
+    return {"model": {k: v for k, v in msd.items() if k in names}, "optim": osd["state"]}, osd["param_groups"]
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, and prune all but the `keep` newest."""
-    names = {id(p): n for n, p in model.named_parameters()}
+                    state: dict[str, Any], d: Dist, keep: int = 2) -> Path:
+    """Write checkpoint `step` from every rank, point `latest` at it, prune all but the `keep` newest.
+
+    Collective: every rank calls it with the same step; `state` (JSON-able) is taken from rank 0.
+    """
     final = ckpt_root / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
-        save_file(model_state(model), str(tmp / "model.safetensors"))
-        save_file(_optimizer_tensors(opt, names), str(tmp / "optimizer.safetensors"))
-        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
-                  for g in opt.param_groups]
-        atomic_write_json(tmp / "state.json", {**state, "step": step, "param_groups": groups})
-    atomic_write_text(ckpt_root / "latest", final.name + "\n")
-    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    tmp = ckpt_root / f".{final.name}.tmp"
+    if d.main:
+        for stale in ckpt_root.glob(".step-*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier(d)
+    tensors, groups = _tensor_state(model, opt)
+    with _single_process_quiet():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / "dcp"), save_distributed=True),
+                 no_dist=not d.active)
+    save_file(_rng_tensors(), str(tmp / "rng" / f"rank-{d.rank:05d}.safetensors"))
+    barrier(d)
+    if d.main:
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "world_size": d.world_size,
+                                               "param_groups": groups})
+        fsync_tree(tmp)
+        old = ckpt_root / f".{final.name}.old"
+        if final.exists():  # the same step saved again (after a rollback): replace it
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+        atomic_write_text(ckpt_root / "latest", final.name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+        for stale in done[:-keep] if keep > 0 else []:
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
+    barrier(d)  # nobody reads `latest` (a rollback) or exits before it is in place
     return final
 
 
@@ -164,31 +208,29 @@ def checkpoint_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
-def load_checkpoint(path: Path, state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Restore weights, optimizer and RNG states from checkpoint `path`, whose `checkpoint_state` is `state`."""
-    load_model_state(model, path / "model.safetensors")
-    by_name = dict(model.named_parameters())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    if len(state["param_groups"]) != len(opt.param_groups):
-        raise NanoforgeError(f"{path}: optimizer groups do not match this model")
-    # Rebuild torch's own state-dict shape (parameters by index) so that torch places each tensor
-    # on the right device for the (fused or not) AdamW implementation.
-    index: dict[str, int] = {}
-    groups = []
-    for group, saved in zip(opt.param_groups, state["param_groups"], strict=True):
-        if [id(by_name[n]) for n in saved["params"] if n in by_name] != [id(p) for p in group["params"]]:
-            raise NanoforgeError(f"{path}: optimizer parameters do not match this model")
-        for n in saved["params"]:
-            index[n] = len(index)
-        groups.append({**saved, "params": [index[n] for n in saved["params"]]})
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        pname, field = key.split("::")
-        per_param.setdefault(index[pname], {})[field] = t
-    opt.load_state_dict({"state": per_param, "param_groups": groups})
-    rng = load_file(str(path / "rng.safetensors"))
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from checkpoint `path` into this run's layout (any world
+    size, DDP or FSDP); returns its `checkpoint_state`. Collective under torchrun."""
+    state = checkpoint_state(path)
+    if not (path / "dcp").is_dir():
+        raise NanoforgeError(f"{path}: no dcp/ directory (a checkpoint from an older nanoforge?); "
+                             f"start the run again in a new --out")
+    tensors, _ = _tensor_state(model, opt)
+    try:
+        with _single_process_quiet():
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "dcp")), no_dist=not d.active)
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanoforgeError(f"{path}: checkpoint does not fit this model and optimizer ({first})") from None
+    set_state_dict(model, opt, model_state_dict=tensors["model"],
+                   optim_state_dict={"state": tensors["optim"], "param_groups": state["param_groups"]},
+                   options=StateDictOptions(strict=False))  # strict=False: a tied weight is stored once
+    rng_dir = path / "rng"
+    mine = rng_dir / f"rank-{d.rank:05d}.safetensors"
+    rng = load_file(str(mine if mine.exists() else rng_dir / "rank-00000.safetensors"))  # ranks added: rank 0's
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-        if states:
+        if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
+    return state

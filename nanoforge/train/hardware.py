@@ -11,11 +11,12 @@ import time
 
 import torch
 
-# Dense (no sparsity) bf16 peak FLOP/s.
+# Dense (no sparsity) bf16 peak FLOP/s; matched in order against torch.cuda.get_device_name (L40S before L40
+# before L4).
 GPU_PEAK_BF16 = {
     "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12,
-    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+    "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 
 

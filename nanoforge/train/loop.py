@@ -1,12 +1,16 @@
-"""The pretraining stage: token shards in, a base model out.
+"""The pretraining stage: token shards in, a base model out, on one process or many.
 
     nanoforge pretrain --data runs/demo/06-tokens --out runs/demo/07-pretrain --preset cpu-tiny
     nanoforge pretrain --data … --out … --resume          # continue exactly where a killed run stopped
+    torchrun --nproc-per-node 8 -m nanoforge pretrain --data … --out … --parallel fsdp --max-time 23h
 
-One optimizer step consumes `batch_tokens` tokens: `accum` micro-batches of `batch_size × seq_len`
-tokens, their losses averaged, so the optimisation is the same whatever fits in memory. Every
-`eval_every` steps the val split gives a loss and bits-per-byte; every `ckpt_every` steps a checkpoint
-holds everything a resumed run needs to produce the same weights as an uninterrupted one.
+One optimizer step consumes `batch_tokens` tokens: the same sequences at any world size (see
+`TokenLoader`), split into micro-batches of `batch_size × seq_len` tokens per rank, `accum` of them on
+each of the ranks; gradients are averaged over all of them, so one config is one optimisation whatever
+fits in memory and however many ranks run it. Every `eval_every` steps the val split gives a loss and
+bits-per-byte; every `ckpt_every` steps all ranks write a checkpoint that resumes at any world size
+(train/checkpoint.py). Bad steps are skipped and a streak of them rolls back; SIGTERM and `max_time`
+stop with a checkpoint (train/faults.py). `profile` writes a torch profiler trace of a few steps.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nanoforge.artifacts import write_manifest
-from nanoforge.config import PretrainConfig, model_config, resolve_pretrain
+from nanoforge.config import PretrainConfig, model_config, parse_duration, resolve_pretrain
 from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import generate
@@ -36,7 +40,19 @@ from nanoforge.train.checkpoint import (
     save_checkpoint,
     save_model_artifact,
 )
-from nanoforge.train.hardware import peak_flops, pick_device
+from nanoforge.train.distributed import (
+    Dist,
+    all_reduce_sum,
+    broadcast_object,
+    checkpoint_activations,
+    full_model_state,
+    grad_sync,
+    init_distributed,
+    parallelize,
+    replica,
+)
+from nanoforge.train.faults import LossGuard, StopRequest, TrainingStopped, injected_nan_steps
+from nanoforge.train.hardware import peak_flops
 from nanoforge.train.metrics import MetricsLog, plot_losses
 from nanoforge.train.optim import build_adamw
 from nanoforge.train.schedule import lr_at
@@ -85,22 +101,23 @@ def unigram_entropy(data: Path, vocab_size: int, dtype: np.dtype, max_tokens: in
 
 @torch.no_grad()
 def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, device: torch.device,
-             dtype: str, max_batches: int) -> dict[str, float]:
-    """Mean val loss (nats/token) and bits per byte of UTF-8 text over the first `max_batches` batches."""
+             dtype: str, max_batches: int, d: Dist | None = None) -> dict[str, float]:
+    """Mean val loss (nats/token) and bits per byte of UTF-8 text over the split's first `max_batches`
+    batches, shared out over the ranks (the same figures at any world size)."""
     was_training = model.training
     model.eval()
-    loss_sum, text_loss_sum, n_tokens, n_bytes = 0.0, 0.0, 0, 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, text loss, tokens, bytes
     for x, y in loader.iter_batches(max_batches):
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            losses = model(x, y, reduction="none").float()  # (B, T)
-        nbytes = token_bytes[y]  # (B, T) UTF-8 bytes each target stands for; 0 for special tokens
-        loss_sum += float(losses.sum())
-        n_tokens += y.numel()
+            losses = model(x, y, reduction="none").float()  # (B, T), 0 where the target is ignored
+        counted = y != -100  # (B, T) False on the padding rows of the last batch
+        nbytes = token_bytes[y.clamp_min(0)] * counted  # (B, T) UTF-8 bytes each target stands for
         # bits per byte counts only tokens that stand for text, so it compares across tokenizers
-        text_loss_sum += float((losses * (nbytes > 0)).sum())
-        n_bytes += int(nbytes.sum())
+        sums += torch.stack([losses.sum(), (losses * (nbytes > 0)).sum(), counted.sum(), nbytes.sum()]).double()
+    all_reduce_sum(sums, d or Dist())
     model.train(was_training)
+    loss_sum, text_loss_sum, n_tokens, n_bytes = sums.tolist()
     if n_tokens == 0:
         return {}
     return {"val_loss": loss_sum / n_tokens, "val_bpb": text_loss_sum / (math.log(2) * max(1, n_bytes))}
@@ -118,9 +135,21 @@ def _sample(model: GPT, tok: Tokenizer, prompts: list[str], max_new: int, seed: 
 
 def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False,
              tokenizer: Path | None = None) -> dict[str, Any]:
-    """Train a GPT on the token shards in `data`; write the model artifact and manifest into `out`."""
+    """Train a GPT on the token shards in `data`; write the model artifact and manifest into `out`.
+
+    Under torchrun every rank calls this with the same arguments. Raises `TrainingStopped` (after all
+    ranks wrote a checkpoint) when SIGTERM or `max_time` ends the run before `max_steps`.
+    """
     cfg = resolve_pretrain(cfg)
-    data, out = Path(data), Path(out)
+    d, device = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, Path(data), Path(out), resume, tokenizer, d, device)
+    finally:
+        d.close()
+
+
+def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenizer: Path | None, d: Dist,
+              device: torch.device) -> dict[str, Any]:
     shards = read_token_manifest(data)  # a clear error if `data` is not the output of `nanoforge tokenize`
     tokenizer_dir = Path(tokenizer or shards.tokenizer)
     if not (tokenizer_dir / "tokenizer.json").exists():
@@ -137,59 +166,68 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg, tok.vocab_size)
     model = GPT(mcfg).to(device)
-    world, rank = 1, 0
-    per_step = cfg.batch_size * cfg.seq_len * world
+    per_step = cfg.batch_size * cfg.seq_len * d.world_size
     if cfg.batch_tokens % per_step:
         raise NanoforgeError(f"pretrain: batch_tokens={cfg.batch_tokens} is not a multiple of "
-                             f"batch_size×seq_len×ranks = {per_step}")
+                             f"batch_size×seq_len×ranks = {cfg.batch_size}×{cfg.seq_len}×{d.world_size}")
     accum = cfg.batch_tokens // per_step
     loader = TokenLoader(data, "train", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                         rank=rank, world_size=world, seed=cfg.seed)
+                         rank=d.rank, world_size=d.world_size, seed=cfg.seed)
     try:
-        val_loader: TokenLoader | None = TokenLoader(data, "val", batch_size=cfg.batch_size,
-                                                     seq_len=cfg.seq_len, seed=cfg.seed)
+        val_loader: TokenLoader | None = TokenLoader(data, "val", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                                     rank=d.rank, world_size=d.world_size, seed=cfg.seed)
     except NanoforgeError as e:
-        info(f"note: no validation ({e})")
+        if d.main:
+            info(f"note: no validation ({e})")
         val_loader = None
+
+    saved = checkpoint_state(ckpt) if ckpt is not None else None
+    if saved is not None:
+        if (saved.get("model") or {}) != mcfg.to_dict():
+            raise NanoforgeError(f"{ckpt}: checkpoint model config does not match this run's config "
+                                 f"({_config_diff(saved.get('model') or {}, mcfg.to_dict())})")
+        dtype = saved["dtype"]
+    else:  # measured on rank 0 (on a CPU), so that every rank trains in the same precision
+        dtype = broadcast_object(choose_dtype(model, cfg, device) if d.main else None, d)
+    flops_per_token, n_params = model.flops_per_token(), model.num_params()
+    compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if cfg.activation_checkpointing:
+        checkpoint_activations(model)
+    train_model = parallelize(model, d, device, parallel=cfg.parallel, bf16=dtype == "bf16", compile=compile_on)
     opt = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       device_type=device.type)
+    guard = LossGuard(cfg.spike_factor, cfg.max_bad_steps, cfg.rollback_lr_factor)
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if ckpt is not None:
-        state = checkpoint_state(ckpt)
-        saved_model = state.get("model") or {}
-        if saved_model != mcfg.to_dict():
-            raise NanoforgeError(f"{ckpt}: checkpoint model config does not match this run's config "
-                                 f"({_config_diff(saved_model, mcfg.to_dict())})")
-        load_checkpoint(ckpt, state, model, opt)
+        state = load_checkpoint(ckpt, model, opt, d)
         loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state.get("guard", {}))
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before = state.get("elapsed", 0.0)
-        dtype = state["dtype"]
-    else:
-        dtype = choose_dtype(model, cfg, device)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
+    metrics = None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
 
-    train_model = torch.compile(model) if cfg.compile else model
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
     token_bytes = torch.cat([token_bytes, torch.zeros(mcfg.vocab_size - len(token_bytes), dtype=torch.int64)])
     token_bytes = token_bytes.to(device)
-    flops_per_token = model.flops_per_token()
-    peak = peak_flops(device, DTYPES[dtype])
-    entropy = unigram_entropy(data, tok.vocab_size, shards.dtype)
-    n_params = model.num_params()
-    info(f"pretrain: {n_params / 1e6:.2f}M parameters ({mcfg.flavour}, depth {mcfg.n_layer}, "
-         f"width {mcfg.n_embd}), {cfg.max_steps} steps × {cfg.batch_tokens} tokens "
-         f"(accum {accum}), {dtype} on {device}; unigram entropy {entropy:.3f} nats/token")
+    peak = peak_flops(device, DTYPES[dtype]) * d.world_size
+    entropy = unigram_entropy(data, tok.vocab_size, shards.dtype) if d.main else float("nan")
+    if d.main:
+        ranks = f" × {d.world_size} ranks ({cfg.parallel})" if d.active else ""
+        info(f"pretrain: {n_params / 1e6:.2f}M parameters ({mcfg.flavour}, depth {mcfg.n_layer}, "
+             f"width {mcfg.n_embd}), {cfg.max_steps} steps × {cfg.batch_tokens} tokens "
+             f"(accum {accum}), {dtype}{' compiled' if compile_on else ''} on {device}{ranks}; "
+             f"unigram entropy {entropy:.3f} nats/token")
 
     def resume_state() -> dict[str, Any]:
         return {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "model": mcfg.to_dict(),
-                "dtype": dtype, "elapsed": elapsed_before + time.time() - t_start,
+                "dtype": dtype, "elapsed": elapsed_before + time.time() - t_start, "guard": guard.state_dict(),
                 "train_config": cfg}
 
     model.train()
@@ -197,75 +235,168 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
     last_eval: dict[str, float] = {}
     samples: list[str] = []
     tps_ema: float | None = None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps,
-                   schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(accum):
-            x, y = loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                loss = train_model(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += cfg.batch_tokens
-        loss_val = float(loss_sum) / accum
-        dt = time.perf_counter() - t0
-        tps = cfg.batch_tokens / dt
-        mfu = flops_per_token * tps / peak
-        record: dict[str, Any] = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
-                                  "tokens": tokens_seen, "tok_per_s": tps, "mfu": mfu, "dt": dt}
-        if not math.isfinite(loss_val):
-            raise NanoforgeError(f"pretrain: loss became {loss_val} at step {step}; lower --lr")
-        last = step == cfg.max_steps
-        if val_loader is not None and (step % cfg.eval_every == 0 or last):
-            last_eval = evaluate(model, val_loader, token_bytes, device, dtype, cfg.eval_batches)
-            record.update(last_eval)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or last) and cfg.sample_prompts:
-            samples = _sample(model, tok, cfg.sample_prompts, cfg.sample_tokens, cfg.seed)
-            record["samples"] = samples
-            for s in samples:
-                info(f"--- sample @ step {step}\n{s}")
-        metrics.log(record)
-        if step % cfg.ckpt_every == 0 or last:
-            save_checkpoint(ckpt_root, step, model, opt, resume_state())
-        tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps  # steadier display
-        bar.set_postfix(loss=f"{loss_val:.3f}", **({"val": f"{last_eval['val_loss']:.3f}"} if last_eval else {}),
-                        tok_s=f"{tps_ema:,.0f}", mfu=f"{100 * tps_ema * flops_per_token / peak:.1f}%")
-        bar.update(1)
-    bar.close()
-    metrics.close()
+    nan_steps = injected_nan_steps()
+    stop = StopRequest(parse_duration(cfg.max_time) if cfg.max_time is not None else None)
+    profiler = _profiler(out / "profile", d.rank, device) if cfg.profile else contextlib.nullcontext()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not d.main)
+    with stop, profiler as prof:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = guard.lr_scale * lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps,
+                                        schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
+                                        decay_fraction=cfg.decay_fraction)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = loader.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with grad_sync(train_model, micro == accum - 1):
+                    with autocast(device, dtype):
+                        loss = train_model(x, y)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            if step + 1 in nan_steps:
+                nan_steps.discard(step + 1)
+                loss_sum = loss_sum * float("nan")
+            # one all-reduce per step: the mean loss over ranks and any rank's reason to stop
+            stats = all_reduce_sum(torch.cat([(loss_sum / accum).reshape(1).float(),
+                                              torch.tensor(stop.flags(), device=device)]), d).tolist()
+            loss_val = stats[0] / d.world_size
+            grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            bad = guard.judge(loss_val, grad_norm)
+            if bad is None:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += cfg.batch_tokens
+            if prof is not None:
+                prof.step()
+            if guard.must_roll_back:
+                step, tokens_seen = _roll_back(ckpt_root, model, opt, guard, d, metrics, loss_val)
+                bar.n = step
+                bar.refresh()
+                continue
 
-    elapsed = elapsed_before + time.time() - t_start
+            dt = time.perf_counter() - t0
+            tps = cfg.batch_tokens / dt
+            record: dict[str, Any] = {"step": step, "lr": lr, "grad_norm": _finite(grad_norm), "tokens": tokens_seen,
+                                      "tok_per_s": tps, "mfu": flops_per_token * tps / peak, "dt": dt,
+                                      "skipped_steps": guard.skipped, "rollbacks": guard.rollbacks}
+            if math.isfinite(loss_val):
+                record["loss"] = loss_val
+            if bad is not None:
+                record["skipped"] = bad
+                if d.main:
+                    info(f"step {step}: {bad} loss {loss_val:.4g}, update skipped "
+                         f"({guard.bad_in_row} in a row, {guard.skipped} in all)")
+            last = step == cfg.max_steps
+            if val_loader is not None and (step % cfg.eval_every == 0 or last):
+                last_eval = evaluate(model, val_loader, token_bytes, device, dtype, cfg.eval_batches, d)
+                record.update(last_eval)
+            if cfg.sample_every and (step % cfg.sample_every == 0 or last) and cfg.sample_prompts:
+                plain = replica(model, d)  # gathered from the shards under FSDP; every rank takes part
+                if plain is not None:
+                    samples = _sample(plain, tok, cfg.sample_prompts, cfg.sample_tokens, cfg.seed)
+                    record["samples"] = samples
+                    for s in samples:
+                        info(f"--- sample @ step {step}\n{s}")
+            if metrics is not None:
+                metrics.log(record)
+            reason = "SIGTERM" if stats[1] > 0 else "max_time" if stats[2] > 0 else None
+            if step % cfg.ckpt_every == 0 or last or reason:
+                path = save_checkpoint(ckpt_root, step, model, opt, resume_state(), d)
+                if reason and not last:
+                    bar.close()
+                    if metrics is not None:
+                        metrics.close()
+                    raise TrainingStopped(reason, step, str(path))
+            tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps  # steadier display
+            bar.set_postfix(loss=f"{loss_val:.3f}", **({"val": f"{last_eval['val_loss']:.3f}"} if last_eval else {}),
+                            tok_s=f"{tps_ema:,.0f}", mfu=f"{100 * tps_ema * flops_per_token / peak:.1f}%")
+            bar.update(1)
+    bar.close()
+    if cfg.profile and d.main:
+        info(f"profiler trace: {out / 'profile'} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+    weights = full_model_state(model, d)  # gathered from the shards under FSDP: every rank takes part
+    manifest = None
+    if d.main:
+        assert metrics is not None and weights is not None
+        metrics.close()
+        figures = {"params": n_params, "steps": step, "tokens": tokens_seen, "dtype": dtype, "device": str(device),
+                   "world_size": d.world_size, "parallel": cfg.parallel if d.active else None,
+                   "compile": compile_on, "activation_checkpointing": cfg.activation_checkpointing,
+                   "unigram_entropy": entropy, "skipped_steps": guard.skipped, "rollbacks": guard.rollbacks,
+                   "lr_scale": guard.lr_scale, **last_eval, "flops_per_token": flops_per_token,
+                   "seconds": round(elapsed_before + time.time() - t_start, 1), "samples": samples}
+        manifest = _finish(cfg, model, weights, out, data, tokenizer_dir, device, figures)
+    return broadcast_object(manifest, d)
+
+
+def _roll_back(ckpt_root: Path, model: GPT, opt: torch.optim.Optimizer, guard: LossGuard, d: Dist,
+               metrics: MetricsLog | None, loss: float) -> tuple[int, int]:
+    """Restore the last checkpoint's weights and optimizer after a streak of bad steps; the loader keeps
+    its position. Returns the checkpoint's (step, tokens seen)."""
+    ckpt = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
+    if ckpt is None:
+        raise NanoforgeError(f"pretrain: {guard.bad_in_row} bad steps in a row (last loss {loss:.4g}) before the "
+                             f"first checkpoint; lower --lr or raise max_bad_steps")
+    state = load_checkpoint(ckpt, model, opt, d)
+    guard.rolled_back(state.get("guard", {}))
+    if metrics is not None:
+        metrics.rewind(state["step"])
+    if d.main:
+        info(f"{guard.max_bad_steps} bad steps in a row: rolled back to {ckpt.name}, learning rate × "
+             f"{guard.lr_scale:.3g} from now on (rollback {guard.rollbacks})")
+    return state["step"], state["tokens_seen"]
+
+
+def _finish(cfg: PretrainConfig, model: GPT, weights: dict[str, torch.Tensor], out: Path, data: Path,
+            tokenizer_dir: Path, device: torch.device, figures: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: the model artifact, the loss plot and the manifest with the run's figures."""
     rows = MetricsLog.read(out / "metrics.jsonl")
     plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"pretrain {cfg.preset}")
-    save_model_artifact(model, out, tokenizer_dir=tokenizer_dir,
-                        extra={"preset": cfg.preset, "step": step})
+    save_model_artifact(model, out, tokenizer_dir=tokenizer_dir, extra={"preset": cfg.preset,
+                                                                        "step": figures["steps"]}, state=weights)
+    losses = [r["loss"] for r in rows if "loss" in r]
     tail = [r["tok_per_s"] for r in rows[-50:] if "tok_per_s" in r]
-    figures = {
-        "params": n_params, "steps": step, "tokens": tokens_seen, "dtype": dtype, "device": str(device),
-        "final_loss": rows[-1]["loss"] if rows else None, "unigram_entropy": entropy,
-        **{k: v for k, v in last_eval.items()},
-        "tok_per_s": float(np.median(tail)) if tail else None,
-        "mfu": float(np.median([r["mfu"] for r in rows[-50:] if "mfu" in r])) if rows else None,
-        "flops_per_token": flops_per_token, "seconds": round(elapsed, 1), "samples": samples,
-    }
+    figures["final_loss"] = losses[-1] if losses else None
+    figures["tok_per_s"] = float(np.median(tail)) if tail else None
+    figures["mfu"] = float(np.median([r["mfu"] for r in rows[-50:] if "mfu" in r])) if rows else None
     if device.type == "cuda":
         figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     manifest = write_manifest(out, stage="pretrain", config=cfg,
                               inputs={"tokens": data, "tokenizer": tokenizer_dir}, figures=figures)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
-                        if k in ("steps", "final_loss", "val_loss", "val_bpb", "unigram_entropy", "tok_per_s"))
-    info(f"pretrain done in {elapsed:.0f}s: {summary}")
+                        if k in ("steps", "final_loss", "val_loss", "val_bpb", "unigram_entropy", "tok_per_s",
+                                 "mfu", "skipped_steps"))
+    info(f"pretrain done in {figures['seconds']:.0f}s: {summary}")
     return manifest
+
+
+def _profiler(trace_dir: Path, rank: int, device: torch.device) -> torch.profiler.profile:
+    """Skip one step, warm up one, record three, then write a Chrome/Perfetto trace per rank."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def export(prof: torch.profiler.profile) -> None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_dir / f"trace-rank{rank}.json"))
+
+    return torch.profiler.profile(activities=activities, on_trace_ready=export,
+                                  schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+
+
+def _scalar(t: torch.Tensor) -> float:
+    """A 0-d tensor as a float; a DTensor (FSDP's grad norm) is made whole first."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _config_diff(a: dict, b: dict) -> str:

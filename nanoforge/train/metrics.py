@@ -18,9 +18,18 @@ class MetricsLog:
         if resume_step is None:
             atomic_write_text(path, "")
         elif path.exists():
-            kept = [line for line in self.read(path) if line.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._truncate(resume_step)
         self._f = open(path, "a", encoding="utf-8")
+
+    def _truncate(self, step: int) -> None:
+        kept = [line for line in self.read(self.path) if line.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines past `step` (the run went back to a checkpoint of that step)."""
+        self._f.close()
+        self._truncate(step)
+        self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(to_jsonable(record)) + "\n")
