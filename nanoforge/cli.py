@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", type=Path, required=True, help="transformers checkpoint directory")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
 
+    p = sub.add_parser("report", help="one HTML page (and a Markdown twin) of everything a run did",
+                       description="Reads every stage's manifest.json and metrics.jsonl under RUN_DIR: the corpus "
+                                   "funnel, size projection, tokenizer, training curves, throughput and MFU, the "
+                                   "eval table and samples, the environment. Plots are embedded in the HTML.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="where to write it (default: RUN_DIR/report)")
+
     sub.add_parser("presets", help="list the model/training presets and their sizes")
     return parser
 
@@ -323,6 +330,14 @@ def cmd_import(args: argparse.Namespace) -> None:
     if not f["nanoforge_tokenizer"]:
         print("note: its tokenizer is not a nanoforge tokenizer (special tokens at ids 0..8), so `sample`, "
               "`chat` and fine-tuning need one", file=sys.stderr)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from nanoforge.eval.report import ReportConfig, report
+
+    out = args.out or args.run_dir / "report"
+    report(ReportConfig(), args.run_dir, out)
+    print(f"report written to {out / 'index.html'} (and {out / 'report.md'})")
 
 
 def cmd_site(args: argparse.Namespace) -> None:
@@ -442,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_pretrain, "tokenize": cmd_tokenize, "sample": cmd_sample, "corpus": cmd_corpus,
         "run": cmd_run, "demo": lambda a: cmd_run(a, demo=True), "presets": cmd_presets,
         "tokenizer": cmd_tokenizer_train, "site": cmd_site, "crawl": cmd_crawl, "extract": cmd_extract,
-        "stats": cmd_stats, "clean": cmd_clean, "chat": cmd_chat, "serve": cmd_serve,
+        "stats": cmd_stats, "clean": cmd_clean, "chat": cmd_chat, "serve": cmd_serve, "report": cmd_report,
         "export": cmd_export, "import": cmd_import,
     }
     try:
