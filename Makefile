@@ -37,6 +37,8 @@ bench: install
 	$(PY) benchmarks/bench_dedup.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_grpo.py
 
 lint: install
 	$(VENV)/bin/ruff check nanoforge tests benchmarks

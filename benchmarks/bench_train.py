@@ -52,8 +52,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from nanoforge.hf import transformers_model
 from nanoforge.model import GPT, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -140,28 +140,9 @@ def build(cfg: ModelConfig, device: str) -> tuple[torch.nn.Module, torch.nn.Modu
 
 
 def build_peer(cfg: ModelConfig, device: str) -> torch.nn.Module:
-    """`transformers`' model of our shape: GPT2LMHeadModel (no dropout) or LlamaForCausalLM, sdpa attention."""
-    if cfg.flavour == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_inner=cfg.mlp_hidden, activation_function="gelu_pytorch_tanh",
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
-            tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
-        )).to(device)
-    peer_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.mlp_hidden,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head,
-        max_position_embeddings=cfg.seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(peer_cfg).to(device)
+    """`transformers`' model of our shape (what `nanoforge export` writes: GPT2LMHeadModel without dropout, or
+    LlamaForCausalLM), sdpa attention."""
+    return transformers_model(cfg, attn_implementation="sdpa").to(device)
 
 
 def make_step(

@@ -1,4 +1,5 @@
-"""Generation of nanoforge/infer/engine.py: the KV-cache path equals recomputing from scratch.
+"""Generation of nanoforge/infer/engine.py: the KV-cache path (and its fast decode step) equals recomputing
+from scratch.
 
 python -m pytest tests/test_engine.py -q
 """
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import generate, stream
-from nanoforge.model import GPT, ModelConfig
+from nanoforge.infer.engine import _DecodeStep, generate, stream
+from nanoforge.model import GPT, KVCache, ModelConfig
 
 V, T = 61, 48
 
@@ -39,6 +40,39 @@ def test_cache_equals_no_cache(flavour: str, kw: dict, sampling: dict) -> None:
     # a prompt batched with others gives what it gives alone (left padding is invisible)
     if "seed" not in sampling:
         assert generate(m, PROMPTS[1:2], max_new_tokens=12, **sampling)[0] == cached[1]
+
+
+@pytest.mark.parametrize("flavour, kw", [("llama", dict(n_kv_head=2, qk_norm=True)), ("gpt2", {})])
+def test_decode_step_equals_model_forward(flavour: str, kw: dict) -> None:
+    """The engine's decode step gives the logits of `GPT.forward` on the same KV cache, padded rows too."""
+    m = model_of(flavour, **kw).eval()
+    prompts = torch.tensor([[0, 0, 0, 5, 9, 2], [3, 1, 4, 1, 5, 9]])
+    with torch.inference_mode():
+        caches = [KVCache(2, 12, m.cfg, pad=[3, 0]) for _ in range(2)]
+        for cache in caches:
+            m(prompts, kv_cache=cache)
+        step = _DecodeStep(m, caches[1])
+        for token in ([7, 8], [1, 2], [40, 3]):
+            fast = step(torch.tensor(token))
+            ref = m(torch.tensor(token)[:, None], kv_cache=caches[0])[:, -1]
+            torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    assert caches[0].pos == caches[1].pos == 9
+
+
+def test_hooks_and_adapters_are_not_bypassed() -> None:
+    """A model whose modules are changed from outside (a hook here, a LoRA adapter in practice) is decoded
+    through its modules: the decode step must not read the plain weights past them."""
+    m = model_of("llama", n_kv_head=2)
+    plain = generate(m, PROMPTS, max_new_tokens=6, temperature=0.0)
+    m.h[0].mlp.register_forward_hook(lambda module, args, out: out)  # computes the same: same tokens
+    assert generate(m, PROMPTS, max_new_tokens=6, temperature=0.0) == plain
+
+    def favour_token_5(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        out[..., 5] += 1e4
+        return out
+
+    m.lm_head.register_forward_hook(favour_token_5)
+    assert generate(m, PROMPTS, max_new_tokens=6, temperature=0.0) == [[5] * 6] * 3
 
 
 def test_sequences_stop_independently_and_stop_token_is_excluded() -> None:

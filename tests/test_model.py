@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from nanoforge import model as model_module
 from nanoforge.errors import NanoforgeError
+from nanoforge.hf import to_transformers
 from nanoforge.model import GPT, KVCache, ModelConfig
 
 V, T = 97, 32
@@ -93,60 +94,6 @@ def test_init_scales_residual_projections() -> None:
 # ---- exact equality with transformers ---------------------------------------------------------------------
 
 
-def to_hf_llama(m: GPT) -> dict[str, torch.Tensor]:
-    c = m.cfg
-    sd: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": m.wte.weight,
-        "model.norm.weight": m.norm_f.weight,
-    }
-    sd["lm_head.weight"] = m.lm_head.weight
-    for i, b in enumerate(m.h):
-        p = f"model.layers.{i}."
-        q, k, v = b.attn.qkv.weight.split([c.n_head * c.head_dim, *2 * [c.n_kv_head * c.head_dim]])
-        gate, up = b.mlp.fc.weight.chunk(2)
-        sd |= {
-            p + "self_attn.q_proj.weight": q,
-            p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": b.attn.proj.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": b.mlp.proj.weight,
-            p + "input_layernorm.weight": b.norm1.weight,
-            p + "post_attention_layernorm.weight": b.norm2.weight,
-        }
-        if c.qk_norm:
-            sd |= {p + "self_attn.q_norm.weight": b.attn.q_norm.weight}
-            sd |= {p + "self_attn.k_norm.weight": b.attn.k_norm.weight}
-    return sd
-
-
-def to_hf_gpt2(m: GPT) -> dict[str, torch.Tensor]:
-    sd = {"transformer.wte.weight": m.wte.weight, "transformer.wpe.weight": m.wpe.weight}
-    sd |= {"transformer.ln_f.weight": m.norm_f.weight, "transformer.ln_f.bias": m.norm_f.bias}
-    sd["lm_head.weight"] = m.lm_head.weight
-    for i, b in enumerate(m.h):
-        p = f"transformer.h.{i}."
-        for ours, theirs in [
-            (b.norm1, "ln_1"),
-            (b.norm2, "ln_2"),
-            (b.attn.qkv, "attn.c_attn"),
-            (b.attn.proj, "attn.c_proj"),
-            (b.mlp.fc, "mlp.c_fc"),
-            (b.mlp.proj, "mlp.c_proj"),
-        ]:
-            # GPT-2's Conv1D stores (in, out): the transpose of nn.Linear
-            sd[p + theirs + ".weight"] = ours.weight.T if ours.weight.ndim == 2 else ours.weight
-            sd[p + theirs + ".bias"] = ours.bias
-    return sd
-
-
-def load_exactly(hf: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    assert not unexpected
-    assert all(k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") for k in missing), missing
-
-
 def randomize_norms(m: GPT) -> None:
     """Norm gains/biases start at 1/0: perturb them so a wrong mapping of norms would show."""
     with torch.no_grad():
@@ -160,27 +107,10 @@ def randomize_norms(m: GPT) -> None:
     [dict(n_kv_head=4), dict(n_kv_head=2), dict(n_kv_head=1, tie_embeddings=True), dict(rope_theta=500.0)],
 )
 def test_llama_logits_equal_transformers(kw: dict) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     m = model_of(tiny("llama", **kw))
     randomize_norms(m)
-    c = m.cfg
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=V,
-            hidden_size=c.n_embd,
-            intermediate_size=c.mlp_hidden,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_kv_head,
-            max_position_embeddings=c.seq_len,
-            rms_norm_eps=c.norm_eps,
-            rope_theta=c.rope_theta,
-            tie_word_embeddings=c.tie_embeddings,
-            attn_implementation="eager",
-        )
-    ).eval()
-    load_exactly(hf, to_hf_llama(m))
+    hf = to_transformers(m, attn_implementation="eager")  # weights mapped by nanoforge/hf.py
+    assert type(hf).__name__ == "LlamaForCausalLM"
     idx = tokens(2, T)
     with torch.no_grad():
         torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-4, rtol=0)
@@ -188,61 +118,24 @@ def test_llama_logits_equal_transformers(kw: dict) -> None:
 
 def test_llama_qk_norm_logits_equal_transformers_qwen3() -> None:
     """QK-norm as in Qwen3: a Llama whose q and k are RMS-normalised per head before RoPE."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     m = model_of(tiny("llama", n_kv_head=2, qk_norm=True))
     randomize_norms(m)
-    c = m.cfg
-    hf = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=V,
-            hidden_size=c.n_embd,
-            intermediate_size=c.mlp_hidden,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_kv_head,
-            head_dim=c.head_dim,
-            max_position_embeddings=c.seq_len,
-            rms_norm_eps=c.norm_eps,
-            rope_theta=c.rope_theta,
-            tie_word_embeddings=False,
-            use_sliding_window=False,
-            attn_implementation="eager",
-        )
-    ).eval()
-    load_exactly(hf, to_hf_llama(m))
+    hf = to_transformers(m, attn_implementation="eager")
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
     idx = tokens(2, T)
     with torch.no_grad():
         torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-4, rtol=0)
 
 
 def test_gpt2_logits_equal_transformers() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     m = model_of(tiny("gpt2"))
     randomize_norms(m)
     with torch.no_grad():  # biases start at 0: perturb them so a wrong bias mapping would show
         for name, p in m.named_parameters():
             if name.endswith("bias"):
                 p.normal_(std=0.05)
-    c = m.cfg
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=V,
-            n_positions=c.seq_len,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            n_inner=c.mlp_hidden,
-            activation_function="gelu_new",
-            layer_norm_epsilon=c.norm_eps,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            attn_implementation="eager",
-        )
-    ).eval()
-    load_exactly(hf, to_hf_gpt2(m))
+    hf = to_transformers(m, attn_implementation="eager")
+    assert type(hf).__name__ == "GPT2LMHeadModel"
     idx = tokens(2, T)
     with torch.no_grad():
         torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-4, rtol=0)
