@@ -11,6 +11,7 @@ A pretraining stage that was killed part-way resumes from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,15 @@ from nanoforge.data.extract import ExtractConfig, extract
 from nanoforge.data.pydoc_corpus import CorpusConfig
 from nanoforge.data.stats import StatsConfig, corpus_stats
 from nanoforge.errors import NanoforgeError
+from nanoforge.eval.evaluate import EvalConfig, EvalInputs, run_eval
+from nanoforge.eval.report import ReportConfig, report
+from nanoforge.feedback.label import LabelConfig, collect_preferences
 from nanoforge.infer.sample import SampleConfig
+from nanoforge.post.dpo import DPOConfig, train_dpo
+from nanoforge.post.grpo import GRPOConfig, grpo, resolve_grpo
+from nanoforge.post.instruct import InstructConfig, make_instruct
+from nanoforge.post.reward import RewardConfig, train_reward
+from nanoforge.post.sft import SFTConfig, sft
 from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
 from nanoforge.tokens import TokenizeConfig, tokenize
 from nanoforge.train.checkpoint import checkpoint_state, latest_checkpoint
@@ -53,6 +62,14 @@ class PipelineConfig:
     stats: StatsConfig
     tokenize: TokenizeConfig
     pretrain: PretrainConfig
+    instruct: InstructConfig
+    sft: SFTConfig
+    label: LabelConfig
+    reward: RewardConfig
+    dpo: DPOConfig
+    grpo: GRPOConfig
+    eval: EvalConfig
+    report: ReportConfig
     sample: SampleConfig
 
     @property
@@ -62,7 +79,9 @@ class PipelineConfig:
 
 SECTIONS = {"run": RunConfig, "site": CorpusConfig, "crawl": CrawlConfig, "extract": ExtractConfig,
             "clean": CleanConfig, "tokenizer": TokenizerConfig, "stats": StatsConfig,
-            "tokenize": TokenizeConfig, "pretrain": PretrainConfig, "sample": SampleConfig}
+            "tokenize": TokenizeConfig, "pretrain": PretrainConfig, "instruct": InstructConfig, "sft": SFTConfig,
+            "label": LabelConfig, "reward": RewardConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "eval": EvalConfig,
+            "report": ReportConfig, "sample": SampleConfig}
 
 
 def load_pipeline_config(path: Path | str | None = None, overrides: dict[str, str] | None = None
@@ -129,6 +148,23 @@ STAGES = [
           lambda p, ins, out, _: tokenize(p.tokenize, ins["clean"], ins["tokenizer"], out)),
     Stage("pretrain", ["tokens", "tokenizer"], lambda p: p.pretrain, _run_pretrain,
           manifest_config=resolve_pretrain),
+    Stage("instruct", ["clean"], lambda p: p.instruct,
+          lambda p, ins, out, _: make_instruct(p.instruct, ins["clean"], out)),
+    Stage("sft", ["pretrain", "instruct"], lambda p: p.sft,
+          lambda p, ins, out, _: sft(p.sft, ins["pretrain"], [ins["instruct"] / "train.jsonl"], out,
+                                     val=[ins["instruct"] / "val.jsonl"])),
+    Stage("label", ["sft", "instruct"], lambda p: p.label,
+          lambda p, ins, out, _: collect_preferences(p.label, ins["sft"], ins["instruct"] / "train.jsonl", out)),
+    Stage("reward", ["sft", "label"], lambda p: p.reward,
+          lambda p, ins, out, _: train_reward(p.reward, ins["sft"], ins["label"] / "prefs.jsonl", out)),
+    Stage("dpo", ["sft", "label"], lambda p: p.dpo,
+          lambda p, ins, out, _: train_dpo(p.dpo, ins["sft"], ins["label"] / "prefs.jsonl", out)),
+    Stage("grpo", ["dpo"], lambda p: p.grpo, lambda p, ins, out, _: grpo(p.grpo, ins["dpo"], out),
+          manifest_config=resolve_grpo),
+    Stage("eval", ["pretrain", "sft", "dpo", "grpo", "tokens", "instruct", "reward"], lambda p: p.eval,
+          lambda p, ins, out, _: run_eval(p.eval, {k: ins[k] for k in ("pretrain", "sft", "dpo", "grpo")},
+                                          EvalInputs(ins["tokens"], ins["instruct"], ins["reward"], ins["sft"]), out)),
+    Stage("report", ["eval"], lambda p: p.report, lambda p, ins, out, _: report(p.report, p.run_dir, out)),
 ]
 CORPUS_STAGES = ("site", "crawl", "extract")  # replaced by `[run] docs` when the user brings documents
 
@@ -146,8 +182,14 @@ def is_current(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bo
     saved = {k: v for k, v in m.get("config", {}).items() if k in expected}
     if saved != expected:
         return False
-    recorded = sorted(v.get("hash", "") for v in m.get("inputs", {}).values())
-    return recorded == sorted(input_hash(p) for p in inputs.values())
+    # a stage records what it read (a directory, or files inside one): each must still hash the same, and
+    # every upstream artifact of the pipeline must be among them
+    recorded = [(Path(v.get("path", "")).resolve(), v.get("hash", "")) for v in m.get("inputs", {}).values()]
+    for path, digest in recorded:
+        if not path.exists() or input_hash(path) != digest:
+            return False
+    return all(any(path == q.resolve() or q.resolve() in path.parents for path, _ in recorded)
+               for q in inputs.values())
 
 
 def run_pipeline(p: PipelineConfig) -> dict[str, Path]:
@@ -169,8 +211,8 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Path]:
             outputs[stage.name] = out
             continue
         resume = _resumable(out, stage, cfg)
-        if not resume and out.exists() and stage.name == "pretrain":
-            shutil.rmtree(out)  # a finished or stale run with another config: the pipeline redoes it
+        if not resume and out.exists() and stage.name != "crawl":
+            shutil.rmtree(out)  # a finished or stale artifact of another config: the pipeline redoes it
         info(f"[{stage.name}] {'resuming' if resume else 'running'} → {out}")
         stage.run(p, ins, out, resume)
         outputs[stage.name] = out
@@ -197,7 +239,14 @@ def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:
         if name == "clean":
             lines.append(f"  clean      {f.get('documents_in')} documents in, {f.get('documents_out')} out; removed "
                          + (", ".join(f"{k} {v}" for k, v in f.get("removed_by_reason", {}).items()) or "none"))
-        elif name in CORPUS_STAGES:
+        elif name == "eval" and (out / "eval.json").exists():
+            from nanoforge.eval.evaluate import eval_table
+
+            lines.append("  eval\n" + "\n".join("    " + line for line in
+                                                  eval_table(json.loads((out / "eval.json").read_text())).splitlines()))
+        elif name == "report":
+            lines.append(f"  report     {out / 'index.html'}  (open it in a browser; report.md beside it)")
+        elif name not in ("tokenizer", "stats", "tokens", "pretrain"):
             scalars = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
             lines.append(f"  {name:<10} " + ", ".join(scalars[:7]))
@@ -218,6 +267,9 @@ def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:
                 lines.append(f"             val loss {f['val_loss']:.3f} nats/token vs unigram entropy "
                              f"{f.get('unigram_entropy', float('nan')):.3f}; {f.get('val_bpb', 0):.3f} bits/byte")
             lines.append(f"  model      {out}  (nanoforge sample --model {out} --prompt …)")
+    chat_model = next((outputs[k] for k in ("grpo", "dpo", "sft") if k in outputs), None)
+    if chat_model is not None:
+        lines.append(f"  chat       nanoforge chat --model {chat_model}   (or: nanoforge serve --model {chat_model})")
     if "pretrain" in outputs and p.sample.max_new_tokens > 0:
         for i, text in enumerate(sample(p.sample, outputs["pretrain"])):
             lines.append(f"--- sample {i + 1} (seed {p.sample.seed}, temperature {p.sample.temperature})")

@@ -1,3 +1,5 @@
+import json
+
 from conftest import TINY_MODULES
 
 from nanoforge.artifacts import read_manifest
@@ -14,6 +16,13 @@ def _tiny_run(tmp_path, **extra):
         "pretrain.seq_len": "64", "pretrain.batch_size": "4", "pretrain.batch_tokens": "256",
         "pretrain.max_steps": "12", "pretrain.eval_every": "6", "pretrain.eval_batches": "1",
         "pretrain.sample_every": "0", "pretrain.dtype": "fp32", "sample.max_new_tokens": "8",
+        "instruct.max_entries": "40", "instruct.arithmetic": "60", "instruct.arithmetic_val": "10",
+        "sft.max_steps": "4", "sft.answer_eval": "4", "sft.answer_tokens": "8", "sft.dtype": "fp32",
+        "label.max_prompts": "12", "label.max_new_tokens": "12", "reward.max_steps": "3", "reward.eval_every": "3",
+        "dpo.max_steps": "3", "dpo.eval_every": "3", "grpo.max_steps": "2", "grpo.batch_size": "2",
+        "grpo.group_size": "4", "grpo.eval_problems": "4", "grpo.max_new_tokens": "12", "grpo.dtype": "fp32",
+        "eval.arithmetic_problems": "4", "eval.pass_k": "2", "eval.max_examples": "6", "eval.max_new_tokens": "12",
+        "eval.eval_batches": "1",
         **extra,
     }
     return load_pipeline_config(None, sets)
@@ -22,7 +31,8 @@ def _tiny_run(tmp_path, **extra):
 def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     p = _tiny_run(tmp_path)
     outputs = run_pipeline(p)
-    assert list(outputs) == ["site", "crawl", "extract", "clean", "tokenizer", "stats", "tokens", "pretrain"]
+    assert list(outputs) == ["site", "crawl", "extract", "clean", "tokenizer", "stats", "tokens", "pretrain",
+                             "instruct", "sft", "label", "reward", "dpo", "grpo", "eval", "report"]
     for name, out in outputs.items():
         m = read_manifest(out)
         assert m["stage"] == name and m["figures"] and m["versions"]["torch"] and m["content_hash"]
@@ -31,10 +41,13 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     stamps = {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     capsys.readouterr()
     run_pipeline(p)
-    assert capsys.readouterr().err.count("up to date") == 8
+    assert capsys.readouterr().err.count("up to date") == 16
     assert stamps == {k: (v / "manifest.json").stat().st_mtime_ns for k, v in outputs.items()}
     summary = run_summary(p, outputs)
-    assert "val loss" in summary and "--- sample 1" in summary
+    assert "val loss" in summary and "--- sample 1" in summary and "arithmetic_acc" in summary
+    page = (outputs["report"] / "index.html").read_text()
+    assert all(t in page for t in ("Corpus funnel", "Training curves", "Evaluation across stages"))
+    assert set(json.loads((outputs["eval"] / "eval.json").read_text())["models"]) == {"pretrain", "sft", "dpo", "grpo"}
 
 
 def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
@@ -44,9 +57,9 @@ def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[site] up to date" in err and "[crawl] up to date" in err and "[extract] up to date" in err
     assert "[clean] up to date" in err
-    for stage in ("tokenizer", "stats", "tokens", "pretrain"):
+    for stage in ("tokenizer", "stats", "tokens", "pretrain", "sft", "grpo", "report"):
         assert f"[{stage}] running" in err
     capsys.readouterr()
     run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420", "pretrain.max_steps": "14"}))
     err = capsys.readouterr().err
-    assert err.count("up to date") == 7 and "[pretrain] running" in err
+    assert err.count("up to date") == 8 and "[pretrain] running" in err

@@ -162,6 +162,11 @@ def reward_win_rate(model: GPT, reference: GPT, tok: Tokenizer, reward_dir: Path
     from nanoforge.post.reward import RewardModel
 
     rm = RewardModel.load(reward_dir, cfg.device)
+    room = min(model.cfg.seq_len, reference.cfg.seq_len, rm.trunk.cfg.seq_len) - cfg.max_new_tokens - 1
+    chats = [c for c in chats if len(tok.render_prompt(c["messages"][:-1])) <= room]  # reply and prompt must fit
+    if not chats:
+        raise NanoforgeError(f"eval: no held-out question leaves {cfg.max_new_tokens} tokens for the reply "
+                             f"in a context of {room + cfg.max_new_tokens + 1}")
     prompts = [c["messages"][:-1] for c in chats]
     ours = rm.rewards(tok, prompts, _replies(model, tok, chats, cfg))
     theirs = rm.rewards(tok, prompts, _replies(reference, tok, chats, cfg))
