@@ -39,6 +39,8 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_grpo.py
+	$(PY) benchmarks/bench_rlhf.py
+	$(PY) benchmarks/bench_sft.py
 
 lint: install
 	$(VENV)/bin/ruff check nanoforge tests benchmarks
