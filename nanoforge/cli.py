@@ -9,6 +9,10 @@
     nanoforge tokenizer train docs/ --vocab-size 4096 --out tok/
     nanoforge tokenize docs/ --tokenizer tok/ --out tokens/
     nanoforge pretrain --data tokens/ --out model/ --preset cpu-tiny
+    nanoforge instruct --docs clean/ --out instruct/  # chat JSONL made from the docs (+ identity, arithmetic)
+    nanoforge sft --model model/ --data instruct/train.jsonl --val instruct/val.jsonl --out chat/
+    nanoforge sft --model model/ --data … --out adapter/ --lora-rank 8   # LoRA: the adapter alone
+    nanoforge merge --model model/ --adapter adapter/ --out chat/        # the adapter folded into a plain model
     nanoforge sample --model model/ --prompt "Return the"
     nanoforge chat --model model/                    # talk in the terminal (streams tokens)
     nanoforge serve --model model/ --port 8000       # OpenAI-compatible API + web chat on 127.0.0.1

@@ -36,6 +36,7 @@ class PretrainConfig:
     """
 
     preset: str = "cpu-tiny"
+    init: str | None = None  # continue from this model artifact (domain adaptation): its weights and shape
     # --- the model, derived from depth ---
     depth: int | None = None
     flavour: str | None = None
@@ -118,6 +119,12 @@ def resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         raise NanoforgeError(f"unknown preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
     base = PRESETS[cfg.preset]
     out = dataclasses.replace(cfg)
+    if out.init is not None:
+        for name, value in init_shape(out.init).items():
+            if getattr(out, name) is not None and getattr(out, name) != value:
+                raise NanoforgeError(f"pretrain: --init {out.init} has {name}={value!r}, the config asks for "
+                                     f"{getattr(out, name)!r} (the shape comes from the init model: drop it)")
+            setattr(out, name, value)
     for f in fields(out):
         if getattr(out, f.name) is None and f.name in base:
             setattr(out, f.name, base[f.name])
@@ -153,6 +160,19 @@ def resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     if out.max_time is not None:
         parse_duration(out.max_time)  # refuse a malformed one now, not hours into the run
     return out
+
+
+def init_shape(init: str) -> dict[str, Any]:
+    """The shape settings that rebuild the model artifact `init` through `model_config` (for `--init`)."""
+    from nanoforge.train.checkpoint import read_model_config
+
+    m = read_model_config(Path(init))
+    if m.n_embd % m.n_layer:
+        raise NanoforgeError(f"pretrain: --init {init}: width {m.n_embd} is not a multiple of depth {m.n_layer}, "
+                             f"so the depth dial cannot describe it")
+    return dict(depth=m.n_layer, aspect=m.n_embd // m.n_layer, head_dim=m.head_dim, flavour=m.flavour,
+                kv_groups=m.n_head // m.n_kv_head, mlp_hidden=m.mlp_hidden, qk_norm=m.qk_norm,
+                rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, seq_len=m.seq_len)
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

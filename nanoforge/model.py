@@ -297,12 +297,18 @@ class GPT(nn.Module):
         reduction: str = "mean",
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """idx (B, T) int64 -> logits (B, T, V) float32; with `targets` (B, T) (-100 = ignored) -> the
         cross-entropy: a scalar (`reduction="mean"`/`"sum"`) or per-token losses (B, T) (`"none"`, 0 where
         ignored). With `kv_cache`, idx continues the cached sequences from slot `kv_cache.pos`.
-        `last_only` computes the logits of the last position only, (B, 1, V): what generation needs."""
+        `last_only` computes the logits of the last position only, (B, 1, V): what generation needs.
+        `segments` (B, T) packs several sequences into each row (SFT): equal ids mark one sequence, a
+        contiguous run; a token attends only within its run and its position counts from the run's start,
+        so each packed sequence computes exactly what it would alone."""
         B, T = idx.shape
+        if segments is not None and kv_cache is not None:
+            raise NanoforgeError("model: packed segments cannot be combined with a KV cache")
         start = 0 if kv_cache is None else kv_cache.pos
         pad = None if kv_cache is None else kv_cache.pad
         # the furthest position this call reaches; padded rows start at a negative offset (see KVCache)
@@ -317,11 +323,13 @@ class GPT(nn.Module):
         if pad is not None:
             pos = (pos[None, :] - pad[:, None]).clamp_min(0)
         mask = None if kv_cache is None else _cache_mask(start, T, pad, idx.device)
+        if segments is not None:
+            pos, mask = _segment_positions_mask(segments)
 
         x = self.wte(idx)  # (B, T, d)
         rope = None
-        if self.wpe is not None:  # without padding a slice of the table: cheaper than a lookup
-            x = x + (self.wpe.weight[start : start + T] if pad is None else self.wpe(pos))
+        if self.wpe is not None:  # positions shared by all rows: a slice of the table, cheaper than a lookup
+            x = x + (self.wpe(pos) if pos.ndim == 2 else self.wpe.weight[start : start + T])
         else:
             rope = _rope_cos_sin(pos, self.cfg)
         for layer, block in enumerate(self.h):
@@ -382,6 +390,18 @@ def _rope_cos_sin(pos: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
     if angles.ndim == 2:
         angles = angles[None]
     return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def _segment_positions_mask(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions (B, T) counted from the start of each token's run of equal segment ids, and the boolean
+    attention mask (B, 1, T, T) of packed rows: causal, and only within the run (block diagonal)."""
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    run_start = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) index where each token's run began
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return t - run_start, (same & (t[None, :] <= t[:, None]))[:, None]
 
 
 def _cache_mask(start: int, T: int, pad: Tensor | None, device: torch.device) -> Tensor | None:

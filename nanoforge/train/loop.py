@@ -37,6 +37,8 @@ from nanoforge.train.checkpoint import (
     checkpoint_state,
     latest_checkpoint,
     load_checkpoint,
+    load_model_state,
+    read_model_config,
     save_checkpoint,
     save_model_artifact,
 )
@@ -169,6 +171,8 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg, tok.vocab_size)
     model = GPT(mcfg).to(device)
+    if cfg.init is not None and ckpt is None:
+        load_init(model, Path(cfg.init), tokenizer_dir)
     per_step = cfg.batch_size * cfg.seq_len * d.world_size
     if cfg.batch_tokens % per_step:
         raise NanoforgeError(f"pretrain: batch_tokens={cfg.batch_tokens} is not a multiple of "
@@ -225,10 +229,16 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
              f"(accum {accum}), {dtype}{' compiled' if compile_on else ''} on {device}{ranks}; "
              f"unigram entropy {entropy:.3f} nats/token")
 
+    # domain adaptation: the init model's val figures on this data, before any step (kept across resumes)
+    init_eval = saved.get("init_eval", {}) if saved is not None else {}
+    if cfg.init is not None and ckpt is None and val_loader is not None:
+        init_eval = {f"init_{k}": v for k, v in evaluate(model, val_loader, token_bytes, device, dtype,
+                                                         cfg.eval_batches, d).items()}
+
     def resume_state() -> dict[str, Any]:
         return {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "model": mcfg.to_dict(),
                 "dtype": dtype, "elapsed": elapsed_before + time.time() - t_start, "guard": guard.state_dict(),
-                "train_config": cfg}
+                "init_eval": init_eval, "train_config": cfg}
 
     model.train()
     t_start = time.time()
@@ -329,10 +339,23 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
                    "world_size": d.world_size, "parallel": cfg.parallel if d.active else None,
                    "compile": compile_on, "activation_checkpointing": cfg.activation_checkpointing,
                    "unigram_entropy": entropy, "skipped_steps": guard.skipped, "rollbacks": guard.rollbacks,
-                   "lr_scale": guard.lr_scale, **last_eval, "flops_per_token": flops_per_token,
+                   "lr_scale": guard.lr_scale, **init_eval, **last_eval, "flops_per_token": flops_per_token,
                    "seconds": round(elapsed_before + time.time() - t_start, 1), "samples": samples}
         manifest = _finish(cfg, model, weights, out, data, tokenizer_dir, device, figures)
     return broadcast_object(manifest, d)
+
+
+def load_init(model: GPT, init: Path, tokenizer_dir: Path) -> None:
+    """Start from the weights of the model artifact `init` (`--init`): same shape, same tokenizer."""
+    init_cfg = read_model_config(init)
+    if init_cfg != model.cfg:
+        raise NanoforgeError(f"--init {init}: its model does not match this run "
+                             f"({_config_diff(init_cfg.to_dict(), model.cfg.to_dict())})")
+    own, theirs = tokenizer_dir / "tokenizer.json", init / "tokenizer.json"
+    if theirs.exists() and theirs.read_bytes() != own.read_bytes():
+        raise NanoforgeError(f"--init {init}: the model was trained with another tokenizer than {tokenizer_dir}; "
+                             f"tokenize the domain corpus with the model's own (--tokenizer {init})")
+    load_model_state(model, init / "model.safetensors")
 
 
 def _roll_back(ckpt_root: Path, model: GPT, opt: torch.optim.Optimizer, guard: LossGuard, d: Dist,
@@ -368,7 +391,8 @@ def _finish(cfg: PretrainConfig, model: GPT, weights: dict[str, torch.Tensor], o
     if device.type == "cuda":
         figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     manifest = write_manifest(out, stage="pretrain", config=cfg,
-                              inputs={"tokens": data, "tokenizer": tokenizer_dir}, figures=figures)
+                              inputs={"tokens": data, "tokenizer": tokenizer_dir,
+                                      **({"init": Path(cfg.init)} if cfg.init else {})}, figures=figures)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
                         if k in ("steps", "final_loss", "val_loss", "val_bpb", "unigram_entropy", "tok_per_s",
                                  "mfu", "skipped_steps"))
