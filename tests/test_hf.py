@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a dev dependency: missing must fail, not skip
 from safetensors.torch import load_file, save_file
 
 from nanoforge.cli import main as cli_main
@@ -21,8 +22,6 @@ from nanoforge.infer.engine import generate
 from nanoforge.model import GPT, ModelConfig
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.train.checkpoint import TOKENIZER_FILES, load_model_artifact, save_model_artifact
-
-transformers = pytest.importorskip("transformers")
 
 V, T = 512, 32  # the tiny tokenizer has 512 tokens
 
