@@ -260,7 +260,7 @@ def test_stage_logs_metrics_and_loads_no_reference_when_beta_is_zero(tiny_chat_m
     assert 0 <= f["heldout_accuracy_before"] <= 1 and 0 <= f["heldout_accuracy_after"] <= 1
     assert (tmp_path / "a" / "model.safetensors").exists() and (tmp_path / "a" / "tokenizer.json").exists()
     assert (tmp_path / "a" / "rewards.png").exists()
-    with pytest.raises(NanoforgeError, match="already holds a training run"):
+    with pytest.raises(NanoforgeError, match="already holds a grpo run"):
         grpo(_cfg(), tiny_chat_model, tmp_path / "a")
 
     loads.clear()

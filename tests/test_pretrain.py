@@ -45,7 +45,7 @@ def test_refuses_to_overwrite_a_finished_run_and_resume_without_checkpoint(tiny_
     out = tmp_path / "model"
     pretrain(tiny_pretrain_config(max_steps=3), tiny_tokens, out)
     before = (out / "model.safetensors").read_bytes()
-    with pytest.raises(NanoforgeError, match="already holds a training run"):
+    with pytest.raises(NanoforgeError, match="already holds a pretrain run"):
         pretrain(tiny_pretrain_config(max_steps=3), tiny_tokens, out)
     assert (out / "model.safetensors").read_bytes() == before
 

@@ -49,9 +49,9 @@ from nanoforge.post.rewards import RewardWeights
 from nanoforge.post.tasks import Problem, Task, get_task
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.train.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     load_model_artifact,
+    resume_point,
     save_checkpoint,
     save_model_artifact,
 )
@@ -296,12 +296,7 @@ def _grpo(cfg: GRPOConfig, model_dir: Path, out: Path, resume: bool, d: Dist, de
     if cfg.batch_size % d.world_size:
         raise NanoforgeError(f"grpo: batch_size {cfg.batch_size} prompts do not split over {d.world_size} ranks")
     ckpt_root = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
-    if resume and ckpt is None:
-        raise NanoforgeError(f"--resume: no checkpoint in {ckpt_root}")
-    if not resume and (ckpt is not None or (out / "manifest.json").exists()):
-        raise NanoforgeError(f"{out} already holds a training run; pass --resume to continue it "
-                             f"or choose another --out")
+    ckpt = resume_point(out, resume, "grpo")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

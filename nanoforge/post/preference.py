@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, _rope_cos_sin
 from nanoforge.tokenizer import Tokenizer, doc_fraction
-from nanoforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoforge.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from nanoforge.train.distributed import Dist
 from nanoforge.train.hardware import pick_device
 from nanoforge.train.metrics import MetricsLog, plot_losses
@@ -250,12 +250,7 @@ class TrainRun:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train alone into the same `out`
             raise NanoforgeError(f"{stage}: runs in one process (one GPU or CPU); it does not support torchrun")
         self.dist = Dist()
-        ckpt = latest_checkpoint(self.ckpt_root) if self.ckpt_root.exists() else None
-        if resume and ckpt is None:
-            raise NanoforgeError(f"--resume: no checkpoint in {self.ckpt_root}")
-        if not resume and (ckpt is not None or (self.out / "manifest.json").exists()):
-            raise NanoforgeError(f"{self.out} already holds a {stage} run; pass --resume to continue it "
-                                 f"or choose another --out")
+        ckpt = resume_point(self.out, resume, stage)
         self.step, self.elapsed_before = 0, 0.0
         self.state: dict[str, Any] = {}  # figures to carry across a resume (saved in every checkpoint)
         if ckpt is not None:

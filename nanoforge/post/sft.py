@@ -49,9 +49,9 @@ from nanoforge.post.lora import LoRAConfig, apply_lora, quantize_base, save_adap
 from nanoforge.tokenizer import Tokenizer, doc_fraction
 from nanoforge.train.checkpoint import (
     checkpoint_state,
-    latest_checkpoint,
     load_checkpoint,
     load_model_artifact,
+    resume_point,
     save_checkpoint,
     save_model_artifact,
 )
@@ -316,12 +316,7 @@ def _sft(cfg: SFTConfig, model_dir: Path, data: list[Path], val_files: list[Path
          d: Dist, device: torch.device) -> dict[str, Any]:
     rows_per_step, accum = _check(cfg, d)
     ckpt_root = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
-    if resume and ckpt is None:
-        raise NanoforgeError(f"--resume: no checkpoint in {ckpt_root}")
-    if not resume and (ckpt is not None or (out / "manifest.json").exists()):
-        raise NanoforgeError(f"{out} already holds a training run; pass --resume to continue it "
-                             f"or choose another --out")
+    ckpt = resume_point(out, resume, "sft")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -203,6 +203,18 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def resume_point(out: Path, resume: bool, stage: str = "training") -> Path | None:
+    """The checkpoint a training stage writing to `out` starts from: the latest one with `resume`, else
+    None. Refuses `resume` without a checkpoint, and a fresh start over a run already in `out`."""
+    ckpt_root = out / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
+    if resume and ckpt is None:
+        raise NanoforgeError(f"--resume: no checkpoint in {ckpt_root}")
+    if not resume and (ckpt is not None or (out / "manifest.json").exists()):
+        raise NanoforgeError(f"{out} already holds a {stage} run; pass --resume to continue it or choose another --out")
+    return ckpt
+
+
 def checkpoint_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json: step, loader position, configs (read before deciding to load it)."""
     return json.loads((path / "state.json").read_text())

@@ -39,6 +39,7 @@ from nanoforge.train.checkpoint import (
     load_checkpoint,
     load_model_state,
     read_model_config,
+    resume_point,
     save_checkpoint,
     save_model_artifact,
 )
@@ -159,12 +160,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     tok = Tokenizer.load(tokenizer_dir)
 
     ckpt_root = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
-    if resume and ckpt is None:
-        raise NanoforgeError(f"--resume: no checkpoint in {ckpt_root}")
-    if not resume and (ckpt is not None or (out / "manifest.json").exists()):
-        raise NanoforgeError(f"{out} already holds a training run; pass --resume to continue it "
-                             f"or choose another --out")
+    ckpt = resume_point(out, resume, "pretrain")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
