@@ -155,3 +155,14 @@ def test_local_and_ray_executors_give_identical_output(tmp_path):
         assert _read(tmp_path / "local" / folder, pattern) == _read(tmp_path / "ray" / folder, pattern)
     assert local["figures"]["removed_by_reason"] == ray_run["figures"]["removed_by_reason"]
     assert local["figures"]["removed_by_reason"]["near_dedup/near-duplicate"] == 2
+
+
+def test_reading_a_clean_artifact_gives_the_kept_documents_only(tmp_path):
+    from nanoforge.data.documents import iter_documents
+
+    rng = random.Random(4)
+    french = "Le chat dort sur le canapé pendant que la pluie tombe. " * 8
+    _write(tmp_path / "a.jsonl", [("a", prose(rng)), ("b", french)])
+    clean(CleanConfig(workers=1), tmp_path / "a.jsonl", tmp_path / "out")
+    assert [d.id for d in iter_documents(tmp_path / "out")] == ["a"]  # not the removed `b` under removed/
+    assert [d.id for d in iter_documents(tmp_path / "out" / "removed")] == ["b"]

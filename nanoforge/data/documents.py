@@ -45,11 +45,22 @@ def list_document_files(path: Path | str) -> list[Path]:
         if path.suffix not in DOC_SUFFIXES:
             raise NanoforgeError(f"{path}: not a document file (expected {', '.join(DOC_SUFFIXES)})")
         return [path]
+    skip = _not_documents(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                   and not any(d in p.parents for d in skip))
     if not files:
         raise NanoforgeError(f"{path}: no document files (.parquet, .jsonl or .txt) found")
     return files
+
+
+def _not_documents(path: Path) -> list[Path]:
+    """Folders of an artifact that hold documents it did *not* keep: a clean stage's `removed/`."""
+    try:
+        stage = json.loads((path / "manifest.json").read_text()).get("stage")
+    except (OSError, ValueError):
+        return []
+    return [path / "removed"] if stage == "clean" else []
 
 
 def _read_parquet(path: Path) -> Iterator[Document]:
