@@ -160,7 +160,8 @@ def _tokenizer(fig: dict[str, Any]) -> Section | None:
 def _throughput(fig: dict[str, Any]) -> Section | None:
     keys = ("params", "steps", "tokens", "seconds", "tok_per_s", "mfu", "dtype", "device", "world_size",
             "val_loss", "val_bpb", "unigram_entropy", "skipped_steps", "rollbacks")
-    rows = [[k, _fmt(fig[k])] for k in keys if k in fig]
+    rows = [[k, f"{100 * fig[k]:.1f}%" if k == "mfu" and isinstance(fig[k], float) else _fmt(fig[k])]
+            for k in keys if k in fig]
     return Section("Pretraining throughput and MFU", [], [(["figure", "value"], rows)], []) if rows else None
 
 
