@@ -5,9 +5,12 @@ Built once per test session (a few seconds) and treated as read-only by the test
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from nanoforge.config import PretrainConfig
 
@@ -69,3 +72,47 @@ def tiny_chat_model(tiny_tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny-chat"
     save_model_artifact(model, out, tokenizer_dir=tiny_tokenizer)
     return out
+
+
+# headless Chromium for the web-page tests: Debian's package, driven by Playwright (never `playwright install`)
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context()
+    p = context.new_page()
+    p.dialogs = []  # every alert() the page would show: none may fire
+    p.on("dialog", lambda d: (p.dialogs.append(d.message), d.dismiss()))
+    yield p
+    context.close()
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """Stages set torch's thread count from their config (`threads`); no test leaks it to the next."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def setting(tiny_tokenizer, tmp_path_factory):
+    """The RLHF toy (tests/rlhf_toy.py): an SFT model and simulated preferences, built once per session."""
+    from rlhf_toy import toy
+
+    return toy(tmp_path_factory.getbasetemp() / "rlhf-toy", tiny_tokenizer)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from rlhf_toy import Toy, toy
+from rlhf_toy import Toy
 from safetensors.torch import load_file
 
 from nanoforge.cli import main
@@ -30,18 +29,6 @@ from nanoforge.post import preference
 from nanoforge.post.dpo import DPOConfig, dpo_loss, train_dpo
 from nanoforge.post.preference import response_logprobs, sequence_batch
 from nanoforge.train.metrics import MetricsLog
-
-
-@pytest.fixture(autouse=True)
-def restore_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setting(tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Toy:
-    return toy(tmp_path_factory.getbasetemp() / "rlhf-toy", tiny_tokenizer)
 
 
 def small(**overrides: object) -> DPOConfig:

@@ -9,43 +9,18 @@ fails, not skips, without it. Playwright only drives that browser: no browser is
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from nanoforge.feedback.app import create_app
 from nanoforge.feedback.store import FeedbackStore, Item
 from nanoforge.infer.server import run_server
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 MARKUP = "<script>window.pwned = 1; alert(1)</script><img src=x onerror=\"alert(2)\"><b>bold</b> & done"
 NAME, TOKEN = "<i onmouseover=alert(4)>eve</i>", "eve-token-1234"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    p = context.new_page()
-    p.dialogs = []  # every alert() the page would show: none may fire
-    p.on("dialog", lambda d: (p.dialogs.append(d.message), d.dismiss()))
-    yield p
-    context.close()
 
 
 @pytest.fixture

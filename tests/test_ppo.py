@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from rlhf_toy import Toy, toy
+from rlhf_toy import Toy
 
 from nanoforge.cli import main
 from nanoforge.feedback.judge import words
@@ -35,18 +34,6 @@ from nanoforge.post.ppo import (
 from nanoforge.post.preference import sequence_batch
 from nanoforge.post.reward import RewardConfig, train_reward
 from nanoforge.train.metrics import MetricsLog
-
-
-@pytest.fixture(autouse=True)
-def restore_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setting(tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Toy:
-    return toy(tmp_path_factory.getbasetemp() / "rlhf-toy", tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ judged; training must take the held-out accuracy from chance to ≥ 90%.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from rlhf_toy import Toy, toy
+from rlhf_toy import Toy
 
 from nanoforge.cli import main
 from nanoforge.errors import NanoforgeError
@@ -26,18 +25,6 @@ from nanoforge.post.preference import encode_pairs, hidden_states, pair_batch, r
 from nanoforge.post.reward import RewardConfig, RewardModel, bradley_terry_loss, train_reward
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.train.checkpoint import load_model_artifact
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setting(tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Toy:
-    return toy(tmp_path_factory.getbasetemp() / "rlhf-toy", tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ tests fail, not skip, without it. Playwright only drives that browser: no browse
 
 from __future__ import annotations
 
-import shutil
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 
 import pytest
 import torch
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from nanoforge.infer.chat import ChatModel, Sampling
 from nanoforge.infer.engine import generate
@@ -22,30 +21,7 @@ from nanoforge.infer.server import create_app, run_server
 from nanoforge.model import GPT, ModelConfig
 from nanoforge.tokenizer import Tokenizer
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 MARKUP = "<script>window.pwned = 1; alert(1)</script><img src=x onerror=\"alert(2)\"><b>bold</b> & done"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    p = context.new_page()
-    p.dialogs = []  # every alert() the page would show: none may fire
-    p.on("dialog", lambda d: (p.dialogs.append(d.message), d.dismiss()))
-    yield p
-    context.close()
 
 
 @pytest.fixture(scope="module")

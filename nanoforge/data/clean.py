@@ -53,6 +53,7 @@ from nanoforge.data.dedup import (
     LSHConfig,
     begin_signatures,
     cluster,
+    drops_by_key,
     exact_key,
     find_edges,
     write_shard_signatures,
@@ -193,14 +194,10 @@ def _finish_shard(index: int, work: str, out: str, drops: dict[str, list[str]], 
     if (shard / "removed-00000.parquet").exists():
         removed = list(iter_documents(shard / "removed-00000.parquet")) + removed
     out = Path(out)
-    counts = write_document_shards(kept, out, prefix=f"docs-{index:05d}", shard_bytes=1 << 62,
+    counts = write_document_shards(kept, out, shard_bytes=1 << 62, first_shard=index,
                                    meta_columns=sorted({k for d in kept for k in d.meta}))
-    write_document_shards(removed, out / "removed", prefix=f"removed-{index:05d}", shard_bytes=1 << 62,
+    write_document_shards(removed, out / "removed", prefix="removed", shard_bytes=1 << 62, first_shard=index,
                           meta_columns=REMOVED_COLUMNS)
-    for folder, prefix in ((out, "docs"), (out / "removed", "removed")):  # docs-NNNNN-00000 -> docs-NNNNN
-        written = folder / f"{prefix}-{index:05d}-00000.parquet"
-        if written.exists():
-            written.replace(folder / f"{prefix}-{index:05d}.parquet")
     return {"documents": counts["documents"], "bytes": counts["bytes"], "removed": len(removed),
             "examples": examples}
 
@@ -223,15 +220,7 @@ def _merge_reports(reports: list[dict[str, Any]], per_reason: int) -> dict[str, 
 def _exact_duplicates(work: Path, shards: int, ids: list[str], gone: dict[str, list[str]]) -> dict[str, str]:
     """{dropped id: kept id} over the shards' 16-byte keys; documents already in `gone` take no part."""
     keys = np.concatenate([np.load(_shard_dir(work, s) / "exact.npy") for s in range(shards)])
-    groups: dict[bytes, list[str]] = {}
-    for doc_id, key in zip(ids, keys, strict=True):
-        if doc_id not in gone:
-            groups.setdefault(key.tobytes(), []).append(doc_id)
-    drops = {}
-    for members in groups.values():
-        first = min(members)
-        drops.update({m: first for m in members if m != first})
-    return drops
+    return drops_by_key((key.tobytes(), doc_id) for doc_id, key in zip(ids, keys, strict=True) if doc_id not in gone)
 
 
 def _work_state(cfg: CleanConfig, files: list[Path]) -> dict[str, Any]:

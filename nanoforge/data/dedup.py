@@ -91,14 +91,19 @@ class ExactDeduplicator:
 
     def duplicates(self, docs: Iterable[Document]) -> dict[str, str]:
         """{dropped id: kept id}; independent of the order of `docs`."""
-        groups: dict[bytes, list[str]] = {}
-        for d in docs:
-            groups.setdefault(exact_key(d.text), []).append(d.id)
-        drops = {}
-        for ids in groups.values():
-            kept = min(ids)
-            drops.update({i: kept for i in ids if i != kept})
-        return drops
+        return drops_by_key((exact_key(d.text), d.id) for d in docs)
+
+
+def drops_by_key(keyed: Iterable[tuple[bytes, str]]) -> dict[str, str]:
+    """{dropped id: kept id} over (key, id) pairs: documents with equal keys keep the smallest id."""
+    groups: dict[bytes, list[str]] = {}
+    for key, doc_id in keyed:
+        groups.setdefault(key, []).append(doc_id)
+    drops = {}
+    for ids in groups.values():
+        kept = min(ids)
+        drops.update({i: kept for i in ids if i != kept})
+    return drops
 
 
 # ---- near dedup: LSH, shared by the in-memory and the partitioned paths --------------------------------

@@ -129,8 +129,10 @@ def read_texts(path: Path | str) -> list[str]:
 
 
 def write_document_shards(docs: Iterable[Document], out: Path, *, shard_bytes: int = 64 << 20,
-                          prefix: str = "docs", meta_columns: Sequence[str] = ()) -> dict[str, int]:
-    """Write documents as `prefix-00000.parquet`, … (zstd) into the existing directory `out`.
+                          prefix: str = "docs", meta_columns: Sequence[str] = (), first_shard: int = 0,
+                          ) -> dict[str, int]:
+    """Write documents as `prefix-00000.parquet`, … (zstd) into the existing directory `out`; numbering
+    starts at `first_shard` (so per-task writers can give each task its own shard names).
 
     `meta_columns` become string columns after the core four, from each document's `meta` ("" if absent).
     Returns counts: documents, bytes (UTF-8 text), shards.
@@ -141,7 +143,8 @@ def write_document_shards(docs: Iterable[Document], out: Path, *, shard_bytes: i
     schema = pa.schema([*SCHEMA, *((name, pa.string()) for name in meta_columns)])
     out.mkdir(parents=True, exist_ok=True)
     buf: list[Document] = []
-    size = n_docs = n_bytes = shard = 0
+    size = n_docs = n_bytes = 0
+    shard = first_shard
 
     def flush() -> None:
         nonlocal buf, size, shard
@@ -165,4 +168,4 @@ def write_document_shards(docs: Iterable[Document], out: Path, *, shard_bytes: i
         if size >= shard_bytes:
             flush()
     flush()
-    return {"documents": n_docs, "bytes": n_bytes, "shards": shard}
+    return {"documents": n_docs, "bytes": n_bytes, "shards": shard - first_shard}

@@ -63,7 +63,7 @@ from nanoforge.train.distributed import (
     init_distributed,
     parallelize,
 )
-from nanoforge.train.metrics import MetricsLog
+from nanoforge.train.metrics import MetricsLog, plot_series
 from nanoforge.train.optim import build_adamw
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -452,7 +452,8 @@ def _figures(cfg: GRPOConfig, out: Path, model: GPT, before: dict[str, float], a
         values = [r[key] for r in rows[1:] or rows if key in r]  # step 1 includes warm-up costs
         return round(float(np.median(values)), 3) if values else None
 
-    _plot_rewards(rows, out / "rewards.png", f"grpo on {cfg.task}")
+    plot_series(rows, out / "rewards.png", [(k, style, k) for k, style in (
+        ("reward_mean", "-"), ("accuracy", "-"), ("heldout_accuracy", "o-"))], f"grpo on {cfg.task}")
     mine = heldout[d.rank::d.world_size]  # the problems `replies` answer
     samples = [{"prompt": p.prompt, "answer": p.answer, "reply": r} for p, r in zip(mine[:5], replies, strict=False)]
     return {"params": model.num_params(), "steps": rows[-1]["step"] if rows else 0, "world_size": d.world_size,
@@ -466,28 +467,3 @@ def _figures(cfg: GRPOConfig, out: Path, model: GPT, before: dict[str, float], a
             "seconds": round(seconds, 1), "samples": samples}
 
 
-def _plot_rewards(rows: list[dict[str, Any]], png: Path, title: str) -> None:
-    """Reward mean and accuracy per step (and held-out accuracy where measured) into `png`."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoforge.artifacts import atomic_write_bytes
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, style in (("reward_mean", "-"), ("accuracy", "-"), ("heldout_accuracy", "o-")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=key, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())

@@ -49,23 +49,21 @@ class MetricsLog:
         return rows
 
 
-def plot_losses(metrics_path: Path, png: Path, title: str = "loss") -> None:
-    """Draw train loss (and val loss where logged) against step into `png`."""
+def plot_series(rows: list[dict[str, Any]], png: Path, series: list[tuple[str, str, str]], title: str,
+                ylabel: str = "") -> None:
+    """Draw each (metrics key, line style, label) of `series` against step into `png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = MetricsLog.read(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val", linewidth=1.5)
+    for key, style, label in series:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, linewidth=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -74,3 +72,9 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "loss") -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(png, buf.getvalue())
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str = "loss") -> None:
+    """Draw train loss (and val loss where logged) against step into `png`."""
+    plot_series(MetricsLog.read(metrics_path), png, [("loss", "-", "train"), ("val_loss", "o-", "val")], title,
+                ylabel="loss (nats/token)")
