@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import _DecodeStep, generate, stream
+from nanoforge.infer.engine import CpuDecodeStep, _DecodeStep, generate, stream
 from nanoforge.model import GPT, KVCache, ModelConfig
 
 V, T = 61, 48
@@ -42,21 +42,43 @@ def test_cache_equals_no_cache(flavour: str, kw: dict, sampling: dict) -> None:
         assert generate(m, PROMPTS[1:2], max_new_tokens=12, **sampling)[0] == cached[1]
 
 
-@pytest.mark.parametrize("flavour, kw", [("llama", dict(n_kv_head=2, qk_norm=True)), ("gpt2", {})])
-def test_decode_step_equals_model_forward(flavour: str, kw: dict) -> None:
-    """The engine's decode step gives the logits of `GPT.forward` on the same KV cache, padded rows too."""
+@pytest.mark.parametrize("step_class", [_DecodeStep, CpuDecodeStep])
+@pytest.mark.parametrize(
+    "flavour, kw", [("llama", dict(n_kv_head=2, qk_norm=True)), ("llama", dict(n_kv_head=1)), ("gpt2", {})]
+)
+def test_decode_step_equals_model_forward(flavour: str, kw: dict, step_class: type) -> None:
+    """Each decode step (torch ops; compiled CPU kernels) gives the logits and the cache contents of
+    `GPT.forward` on the same KV cache, padded rows too, also after finished rows are dropped."""
     m = model_of(flavour, **kw).eval()
-    prompts = torch.tensor([[0, 0, 0, 5, 9, 2], [3, 1, 4, 1, 5, 9]])
+    prompts = torch.tensor([[0, 0, 0, 5, 9, 2], [3, 1, 4, 1, 5, 9], [0, 6, 6, 2, 7, 1]])
     with torch.inference_mode():
-        caches = [KVCache(2, 12, m.cfg, pad=[3, 0]) for _ in range(2)]
+        caches = [KVCache(3, 12, m.cfg, pad=[3, 0, 1]) for _ in range(2)]
         for cache in caches:
             m(prompts, kv_cache=cache)
-        step = _DecodeStep(m, caches[1])
-        for token in ([7, 8], [1, 2], [40, 3]):
+        step = step_class(m, caches[1])
+        for i, token in enumerate(([7, 8, 9], [1, 2, 3], [40, 3], [5, 6])):
+            if i == 2:  # the middle row finished: both caches drop it
+                for cache in caches:
+                    cache.select([0, 2])
+                step.refresh()
             fast = step(torch.tensor(token))
             ref = m(torch.tensor(token)[:, None], kv_cache=caches[0])[:, -1]
             torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
-    assert caches[0].pos == caches[1].pos == 9
+            torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=0)
+            torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=0)
+    assert caches[0].pos == caches[1].pos == 10
+
+
+def test_cpu_float32_models_take_the_compiled_step_and_bf16_the_torch_step(monkeypatch) -> None:
+    built = []
+    for cls in (CpuDecodeStep, _DecodeStep):
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=cls.__init__, **k: built.append(type(self))
+                            or _init(self, *a, **k))
+    m = model_of("llama", n_kv_head=2)
+    generate(m, PROMPTS, max_new_tokens=3, temperature=0.0)
+    assert built == [CpuDecodeStep]
+    out = generate(m.to(torch.bfloat16), PROMPTS, max_new_tokens=3, temperature=0.0)
+    assert built == [CpuDecodeStep, _DecodeStep] and [len(o) for o in out] == [3, 3, 3]
 
 
 def test_hooks_and_adapters_are_not_bypassed() -> None:

@@ -35,12 +35,12 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-import numba
 import numpy as np
 
 from nanoforge.errors import NanoforgeError
+from nanoforge.jit import jit
 
 EMPTY = np.uint32(0xFFFFFFFF)  # every slot of the signature of a text with no words (never indexed)
 
@@ -105,18 +105,10 @@ _ASCII = _ascii_table()
 _UTF8_LEN = np.array([1] * 12 + [2, 2, 3, 4], dtype=np.uint64)  # sequence length by the lead byte's top 4 bits
 
 
-def _jit(fn: Callable) -> Callable:
-    """`njit` with an on-disk cache where one can be written; a read-only install compiles once per process."""
-    try:
-        return numba.njit(cache=True, nogil=True)(fn)
-    except RuntimeError:  # numba: "cannot cache function ...: no locator available" (nowhere writable)
-        return numba.njit(nogil=True)(fn)
-
-
 # ---- compiled kernels ---------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _fmix64(h):
     h ^= h >> _U33
     h *= _U_FMIX_1
@@ -125,7 +117,7 @@ def _fmix64(h):
     return h ^ (h >> _U33)
 
 
-@_jit
+@jit
 def _load8(s64, p):
     """The 8 bytes at byte offset p of the uint64 buffer s64, little-endian (two aligned loads)."""
     q = p >> _U3
@@ -133,7 +125,7 @@ def _load8(s64, p):
     return (s64[q] >> sh) | ((s64[q + _U1] << _U1) << (_U63 - sh))
 
 
-@_jit
+@jit
 def _account(cls, n, j, nw, in_word, ends):
     """One character of class `cls` and n bytes seen: the new (bytes kept, words ended, inside a word).
 
@@ -147,7 +139,7 @@ def _account(cls, n, j, nw, in_word, ends):
     return j, nw, is_word | (in_word & (is_space ^ _U1))  # a removed character does not end a word
 
 
-@_jit
+@jit
 def _split_words(buf, start, end, classes, s, ends):
     """The words of the UTF-8 text buf[start:end]: their bytes back to back in `s`, word i ending at ends[i];
     returns how many. ASCII is lowercased here; other text comes already NFKC-normalized and lowercased."""
@@ -183,7 +175,7 @@ def _split_words(buf, start, end, classes, s, ends):
     return nw + in_word
 
 
-@_jit
+@jit
 def _word_hashes(s64, ends, nw, words):
     """words[i] = MurmurHash64A (seed 0) of word i of `_split_words`."""
     start = _U0
@@ -213,14 +205,14 @@ def _word_hashes(s64, ends, nw, words):
         start = end
 
 
-@_jit
+@jit
 def _scratch(n):
     """Scratch space of `_doc_shingle_hashes` for a text of up to n bytes (at most (n + 1) // 2 words)."""
     return (np.empty(n // 8 + 2, np.uint64), np.empty(n // 2 + 2, np.int64), np.empty(n // 2 + 1, np.uint64),
             np.empty(n // 2 + 1, np.uint64), np.empty(n // 2 + 1, np.uint32))
 
 
-@_jit
+@jit
 def _doc_shingle_hashes(buf, start, end, ngram, classes, s64, ends, words, acc, out):
     """Shingle hashes of the text buf[start:end] into `out` (uint32, the rest is `_scratch`); returns how many."""
     nw = np.int64(_split_words(buf, start, end, classes, s64.view(np.uint8), ends))
@@ -237,7 +229,7 @@ def _doc_shingle_hashes(buf, start, end, ngram, classes, s64, ends, words, acc, 
     return ns
 
 
-@_jit
+@jit
 def _signatures_kernel(buf, offsets, classes, a, b, ngram, sig):
     """sig[d] = MinHash of the text buf[offsets[d]:offsets[d + 1]]; rows of texts without words are left alone."""
     longest = 0

@@ -11,14 +11,18 @@ from the batch, so finished sequences cost nothing.
 
 Speed. The prompts go through `GPT.forward` once (prefill); each later step is one token per sequence,
 where a CPU spends its time on per-operation overhead and on streaming every weight from memory, not on
-arithmetic. So the decode step (`_DecodeStep`) runs the model's math for T = 1 with the per-call work
-hoisted out of the loop: the RoPE angles, position offsets and padding mask of every slot are built once,
-each layer writes its cache slot in place, the weight matrices are taken once (on a CPU as contiguous
-transposed copies: `x @ Wᵀ` with a (in, out) row-major matrix is ~1.5x faster there than `F.linear`),
-and the sampled tokens stay a tensor. A model whose modules are not plain `nn.Linear`/norm layers (LoRA
-adapters, FSDP, hooks) takes `GPT.forward` for every step instead. tests/test_engine.py proves both paths
-give the tokens of recomputing from scratch; benchmarks/bench_generate.py measures them against
-`transformers`.
+arithmetic. So the decode step runs the model's math for T = 1 with the per-call work hoisted out of the
+loop: the weight matrices are taken once (on a CPU as contiguous transposed copies: `x @ Wᵀ` with a
+(in, out) row-major matrix is ~1.5x faster there than `F.linear`), the RoPE angles and each row's padding
+are prepared once, each layer writes its cache slot in place, and the sampled tokens stay a tensor.
+- `CpuDecodeStep` (a float32 model on a CPU): the matrix products are torch calls into preallocated
+  buffers, and everything between them (norms, QK-norm, RoPE, cache write, attention, activation) is one
+  compiled numba kernel per piece and layer (`nanoforge.infer.kernels`): ~8 calls per layer instead of ~40
+  torch ops, which at batch 1 leaves the step bound by the weights' memory traffic.
+- `_DecodeStep` (GPUs, bf16): the same math as torch ops, residual additions riding on `addmm`.
+A model whose modules are not plain `nn.Linear`/norm layers (LoRA adapters, FSDP, hooks) takes
+`GPT.forward` for every step instead. tests/test_engine.py proves every path gives the tokens of
+recomputing from scratch; benchmarks/bench_generate.py measures them against `transformers`.
 
 Context limit: prompt + generated tokens never exceed `cfg.seq_len`. A sequence that reaches it simply
 stops (its output is shorter than `max_new_tokens`); a prompt of `seq_len` tokens or more is refused with
@@ -30,11 +34,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanoforge.errors import NanoforgeError
+from nanoforge.infer import kernels
 from nanoforge.model import GPT, MLP, Attention, Block, KVCache, _rope_cos_sin
 
 
@@ -121,6 +128,7 @@ def _decode(
                 cache = KVCache(len(active), longest + max(budget), cfg, param.device, param.dtype, pad=pad)
                 logits = model(idx.to(param.device), kv_cache=cache, last_only=True)[:, -1]
                 fast, step = _plain(model), None  # the decode step is built at its first use
+                cpu_f32 = param.device.type == "cpu" and param.dtype == torch.float32
             else:
                 seqs = {i: list(prompts[i]) for i in active}
                 logits = _full_logits(model, [seqs[i] for i in active], param.device)
@@ -149,7 +157,7 @@ def _decode(
                         if step is not None:
                             step.refresh()
                     if fast and step is None:
-                        step = _DecodeStep(model, cache)
+                        step = (CpuDecodeStep if cpu_f32 else _DecodeStep)(model, cache)
                     logits = step(sampled) if fast else model(sampled[:, None], kv_cache=cache)[:, -1]
                 else:
                     for row, token in zip([active[j] for j in keep], tokens, strict=True):
@@ -181,6 +189,7 @@ class _DecodeStep:
     def __init__(self, model: GPT, cache: KVCache) -> None:
         cfg = model.cfg
         self.cfg, self.cache = cfg, cache
+        self.gqa = bool(cfg.n_kv_head != cfg.n_head)
         cpu = next(model.parameters()).device.type == "cpu"
 
         def matrix(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
@@ -249,7 +258,7 @@ class _DecodeStep:
             v_cache.select(2, pos).copy_(v)
             keys, values = k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1)
             y = F.scaled_dot_product_attention(
-                q[:, :, None].to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=KV != H
+                q[:, :, None].to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=self.gqa
             )  # (B, H, 1, hd)
             x = torch.addmm(x, y.view(B, H * hd), w_o)  # x + attention @ W_o
             if b_o is not None:
@@ -266,6 +275,115 @@ class _DecodeStep:
                 x += b_down
         cache.pos += 1
         return (self.norm_f(x) @ self.lm_head).float()
+
+
+class CpuDecodeStep:
+    """`_DecodeStep` for a float32 model on a CPU: the matrix products stay torch (MKL) calls into
+    preallocated buffers, and everything between them is one compiled call per piece and layer
+    (`nanoforge.infer.kernels`: embedding, norms, QK-norm + RoPE + cache write + attention, activation),
+    on numpy views of the same memory. Same interface and results as `_DecodeStep` (float32 rounding aside).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache) -> None:
+        cfg = model.cfg
+        self.cfg, self.cache = cfg, cache
+
+        def matrix(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:  # (in, out) row-major, see _DecodeStep
+            bias = None if linear.bias is None else linear.bias.detach()
+            return linear.weight.detach().t().contiguous(), bias
+
+        def norm(module: nn.Module | None) -> tuple:
+            if module is None:
+                return _EMPTY, _EMPTY, 0.0
+            eps = torch.finfo(torch.float32).eps if module.eps is None else module.eps
+            bias = getattr(module, "bias", None)
+            return module.weight.detach().numpy(), _EMPTY if bias is None else bias.detach().numpy(), eps
+
+        self.layers = [
+            (
+                norm(b.norm1),
+                *matrix(b.attn.qkv),
+                norm(b.attn.q_norm)[0],
+                norm(b.attn.k_norm)[0],
+                *matrix(b.attn.proj),
+                norm(b.norm2),
+                *matrix(b.mlp.fc),
+                *matrix(b.mlp.proj),
+            )
+            for b in model.h
+        ]
+        self.centered = cfg.flavour == "gpt2"  # LayerNorm, else RMSNorm
+        self.qk_eps = cfg.norm_eps
+        self.wte = model.wte.weight.detach().numpy()
+        self.wpe = _EMPTY2 if model.wpe is None else model.wpe.weight.detach().numpy()
+        self.norm_f = norm(model.norm_f)
+        self.lm_head = matrix(model.lm_head)[0]
+        self.cos = self.sin = _EMPTY2
+        if cfg.flavour == "llama":  # (S, hd/2): the angles `GPT.forward` computes, by position
+            cos, sin = _rope_cos_sin(torch.arange(cache.max_len), cfg)
+            self.cos, self.sin = cos[0, :, 0].contiguous().numpy(), sin[0, :, 0].contiguous().numpy()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-derive what depends on the cache's rows (after `cache.select`): views and scratch buffers."""
+        cfg, cache = self.cfg, self.cache
+        B, hd = cache.k.shape[1], cfg.head_dim
+        self.k, self.v = cache.k.numpy(), cache.v.numpy()  # (L, B, KV, S, hd), shared with the cache
+        self.pad = np.zeros(B, np.int64) if cache.pad is None else cache.pad.numpy()
+        w_fc, w_down = self.layers[0][8], self.layers[0][10]
+
+        def buffer(width: int) -> tuple[Tensor, np.ndarray]:
+            t = torch.empty(B, width)
+            return t, t.numpy()
+
+        self.x, self.h = buffer(cfg.n_embd), buffer(cfg.n_embd)  # residual stream, normed input
+        self.qkv, self.y = buffer((cfg.n_head + 2 * cfg.n_kv_head) * hd), buffer(cfg.n_head * hd)
+        self.fc, self.act = buffer(w_fc.shape[1]), buffer(w_down.shape[0])
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """tokens (B,) -> next-token logits (B, V) float32; advances the cache by one slot."""
+        cfg, cache = self.cfg, self.cache
+        slot = cache.pos
+        if slot >= cache.max_len:
+            raise NanoforgeError(f"model: KV cache of {cache.max_len} slots is full (pos={slot}, T=1)")
+        (x, xn), (h, hn), (qkv, qkvn), (y, yn), (fc, fcn), (act, actn) = (
+            self.x, self.h, self.qkv, self.y, self.fc, self.act
+        )
+        # the kernels' thread pool follows torch's thread count (per calling thread: set at each step)
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        kernels.embed(tokens.numpy(), self.wte, self.wpe, slot - self.pad, xn)
+        for layer, (norm1, w_qkv, b_qkv, q_gain, k_gain, w_o, b_o, norm2, w_fc, b_fc, w_down, b_down) in enumerate(
+            self.layers
+        ):
+            kernels.norm(xn, *norm1, self.centered, hn)
+            _matmul(h, w_qkv, b_qkv, qkv)
+            kernels.attend(
+                qkvn, self.k[layer], self.v[layer], slot, self.pad, self.cos, self.sin,
+                q_gain, k_gain, self.qk_eps, cfg.n_head, yn,
+            )  # fmt: skip
+            x.addmm_(y, w_o)
+            if b_o is not None:
+                x += b_o
+            kernels.norm(xn, *norm2, self.centered, hn)
+            _matmul(h, w_fc, b_fc, fc)
+            kernels.activate(fcn, cfg.flavour == "llama", actn)
+            x.addmm_(act, w_down)
+            if b_down is not None:
+                x += b_down
+        cache.pos += 1
+        kernels.norm(xn, *self.norm_f, self.centered, hn)
+        return h @ self.lm_head
+
+
+def _matmul(x: Tensor, w: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    if bias is None:
+        torch.mm(x, w, out=out)
+    else:
+        torch.addmm(bias, x, w, out=out)
+
+
+_EMPTY = np.empty(0, np.float32)  # an absent bias, gain or table, for kernels that take them
+_EMPTY2 = np.empty((0, 0), np.float32)
 
 
 def _norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
