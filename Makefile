@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_grpo.py
 	$(PY) benchmarks/bench_rlhf.py
 	$(PY) benchmarks/bench_sft.py

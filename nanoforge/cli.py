@@ -209,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model: OpenAI-compatible HTTP API and a web chat page",
                        description="/v1/chat/completions and /v1/completions (streaming by Server-Sent Events "
-                                   "or not), /v1/models, /health, and a web chat at /. Requests are queued and "
-                                   "answered one at a time.")
+                                   "or not), /v1/models, /health, and a web chat at /. Concurrent requests are "
+                                   "decoded together (continuous batching): each joins the running batch at "
+                                   "the next token step.")
     p.add_argument("--model", type=Path, required=True, help="model directory (its name is the model id)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOFORGE_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running at most; more get 503")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together at most (default 16; 1 = one at a time); the rest wait")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
 
     p = sub.add_parser("export", help="write a model as a transformers checkpoint (with its tokenizer)",
@@ -333,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from nanoforge.infer.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          max_pending=args.max_queue)
+          max_pending=args.max_queue, max_batch=args.max_batch)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -116,3 +116,43 @@ def setting(tiny_tokenizer, tmp_path_factory):
     from rlhf_toy import toy
 
     return toy(tmp_path_factory.getbasetemp() / "rlhf-toy", tiny_tokenizer)
+
+
+class StreamBatch:
+    """The server's batch interface (`ContinuousBatch`'s add / cancel / step / busy) over one token generator
+    per sequence, `make(prompt, sampling, stop_tokens)` (a scripted `ChatModel.stream`): each step takes one
+    token from every running generator, so a test can script replies and hold the worker inside a step."""
+
+    def __init__(self, make, max_batch: int) -> None:
+        self.make, self.max_batch = make, max_batch
+        self.running: dict[int, Iterator[int]] = {}
+        self.waiting: list[tuple] = []
+        self._next = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, prompt, *, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), seed=None):
+        from nanoforge.infer.chat import Sampling
+
+        handle, self._next = self._next, self._next + 1
+        self.waiting.append((handle, prompt, Sampling(max_new_tokens, temperature, top_k, top_p, seed), stop_tokens))
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        self.waiting = [w for w in self.waiting if w[0] != handle]
+        tokens = self.running.pop(handle, None)
+        if tokens is not None:
+            tokens.close()
+
+    def step(self) -> list[tuple[int, int | None]]:
+        while self.waiting and len(self.running) < self.max_batch:
+            handle, *args = self.waiting.pop(0)
+            self.running[handle] = self.make(*args)
+        events = []
+        for handle, tokens in list(self.running.items()):
+            events.append((handle, next(tokens, None)))
+            if events[-1][1] is None:
+                del self.running[handle]
+        return events

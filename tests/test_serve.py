@@ -26,10 +26,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import StreamBatch
 
+from nanoforge.infer.batching import ContinuousBatch
 from nanoforge.infer.chat import ChatModel, Sampling
 from nanoforge.infer.engine import generate
 from nanoforge.infer.server import create_app, run_server
+from nanoforge.model import GPT
 
 NAME = "tiny-chat"
 KEY = "sekret-key"
@@ -66,6 +69,9 @@ class ScriptedModel(ChatModel):
         self.gate, self.delay = gate, delay
         self.prompts: list[list[int]] = []
         self.produced = 0
+
+    def batch(self, max_batch: int) -> StreamBatch:  # the server decodes through `stream` below
+        return StreamBatch(self.stream, max_batch)
 
     def stream(self, prompt: list[int], sampling: Sampling, stop_tokens) -> Generator[int, None, None]:
         self.prompts.append(prompt)
@@ -248,18 +254,54 @@ def test_api_key_is_required_on_the_api_only(cm: ChatModel) -> None:
         assert good.chat.completions.create(model=NAME, messages=OK_MESSAGES, max_tokens=3).usage.completion_tokens
 
 
-def test_concurrent_requests_are_queued_and_all_answered(cm: ChatModel, client: openai.OpenAI) -> None:
+class GatedBatch(ContinuousBatch):
+    """The real batch, holding the worker in each step until `gate` opens; records the batch size per step."""
+
+    def __init__(self, model: GPT, max_batch: int, gate: threading.Event, sizes: list[int]) -> None:
+        super().__init__(model, max_batch)
+        self.gate, self.sizes = gate, sizes
+
+    def step(self) -> list[tuple[int, int | None]]:
+        assert self.gate.wait(20), "the test never opened the gate"
+        events = super().step()
+        self.sizes.append(len(self.running))
+        return events
+
+
+class GatedModel(ChatModel):
+    def __init__(self, base: ChatModel) -> None:
+        super().__init__(base.model, base.tok, name=base.name)
+        self.gate, self.sizes = threading.Event(), []
+
+    def batch(self, max_batch: int) -> GatedBatch:
+        return GatedBatch(self.model, max_batch, self.gate, self.sizes)
+
+
+@pytest.mark.parametrize("max_batch", [16, 2])
+def test_concurrent_requests_are_decoded_together_and_all_answered(cm: ChatModel, max_batch: int) -> None:
     questions = [[{"role": "user", "content": f"question {i} about heapq"}] for i in range(6)]
-    expected = [cm.tok.decode(greedy(cm, cm.chat_prompt(m), 8, cm.chat_stop)) for m in questions]
+    ids = [greedy(cm, cm.chat_prompt(m), 8, cm.chat_stop) for m in questions]
+    assert all(len(i) == 8 for i in ids)  # no early stop: the replies overlap in time
+    expected = [cm.tok.decode(i) for i in ids]
+    gated = GatedModel(cm)
+    with run_server(create_app(gated, max_batch=max_batch)) as url, _opened_at_exit(gated.gate):
+        client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
 
-    def ask(i: int) -> str:
-        kw = dict(model=NAME, messages=questions[i], temperature=0, max_tokens=8)
-        if i % 2:
-            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
-        return client.chat.completions.create(**kw).choices[0].message.content
+        def ask(i: int) -> str:
+            kw = dict(model=NAME, messages=questions[i], temperature=0, max_tokens=8)
+            if i % 2:
+                chunks = client.chat.completions.create(**kw, stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in chunks)
+            return client.chat.completions.create(**kw).choices[0].message.content
 
-    with ThreadPoolExecutor(6) as pool:
-        assert list(pool.map(ask, range(6))) == expected
+        with ThreadPoolExecutor(6) as pool:
+            replies = pool.map(ask, range(6))
+            deadline = time.monotonic() + 20  # all six arrive while the worker is held in its first step
+            while json.loads(get(url, "health")[2])["pending"] < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gated.gate.set()
+            assert list(replies) == expected
+    assert max(gated.sizes) == min(max_batch, 6)  # they ran together, never more than max_batch
 
 
 @contextmanager
@@ -333,6 +375,9 @@ def test_cli_serve_starts_answers_and_stops_on_ctrl_c(model_dir: Path) -> None:
 
 class FailingModel(ChatModel):
     """Writes one token, then its generation breaks (a stand-in for an out-of-memory or a bug)."""
+
+    def batch(self, max_batch: int) -> StreamBatch:
+        return StreamBatch(self.stream, max_batch)
 
     def stream(self, prompt: list[int], sampling: Sampling, stop_tokens) -> Generator[int, None, None]:
         yield self.tok.encode("a")[0]

@@ -13,6 +13,7 @@ from collections.abc import Generator
 
 import pytest
 import torch
+from conftest import StreamBatch
 from playwright.sync_api import Page, expect
 
 from nanoforge.infer.chat import ChatModel, Sampling
@@ -43,6 +44,9 @@ class ScriptedModel(ChatModel):
         self.replies, self.pause_at = replies, pause_at
         self.gate = threading.Event()
         self.prompts: list[list[int]] = []
+
+    def batch(self, max_batch: int) -> StreamBatch:  # the server decodes through `stream` below
+        return StreamBatch(self.stream, max_batch)
 
     def stream(self, prompt: list[int], sampling: Sampling, stop_tokens) -> Generator[int, None, None]:
         self.prompts.append(prompt)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from nanoforge.errors import NanoforgeError
+from nanoforge.infer.batching import ContinuousBatch
 from nanoforge.infer.engine import stream
 from nanoforge.model import GPT
 from nanoforge.tokenizer import Tokenizer
@@ -94,6 +95,11 @@ class ChatModel:
         return stream(self.model, prompt, max_new_tokens=sampling.max_new_tokens,
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                       stop_tokens=stop_tokens, seed=sampling.seed)
+
+
+    def batch(self, max_batch: int) -> ContinuousBatch:
+        """A continuous batch over this model (what `nanoforge serve` decodes concurrent requests with)."""
+        return ContinuousBatch(self.model, max_batch)
 
 
 class TextStream:

@@ -210,16 +210,21 @@ class _DecodeStep:
         ]
         self.wte, self.wpe, self.norm_f = model.wte.weight, model.wpe, _norm(model.norm_f)
         self.lm_head = matrix(model.lm_head)[0]
-        self.slots = torch.arange(cache.max_len, device=self.wte.device)
         self.cos_sin = None
-        if cfg.flavour == "llama":  # the angles `GPT.forward` computes, for every slot: (S, 1, hd) each
-            cos, sin = _rope_cos_sin(self.slots, cfg)
+        if cfg.flavour == "llama":  # the angles `GPT.forward` computes, for every position: (seq_len, 1, hd) each
+            cos, sin = _rope_cos_sin(torch.arange(cfg.seq_len, device=self.wte.device), cfg)
             self.cos_sin = torch.cat([cos[0], cos[0]], dim=-1), torch.cat([-sin[0], sin[0]], dim=-1)
+        self.refresh()
+
+    def bind(self, cache: KVCache) -> None:
+        """Decode into another cache (of the same model) from now on; the prepared weights are kept."""
+        self.cache = cache
         self.refresh()
 
     def refresh(self) -> None:
         """Re-derive what depends on the cache's rows (after `cache.select`)."""
         cache = self.cache
+        self.slots = torch.arange(cache.max_len, device=self.wte.device)
         self.k, self.v = cache.k.unbind(0), cache.v.unbind(0)  # per layer (B, KV, S, hd)
         # (B, 1, 1, S): a row never attends to its padding slots
         self.mask = None if cache.pad is None else (self.slots[None, :] >= cache.pad[:, None])[:, None, None]
@@ -319,10 +324,12 @@ class CpuDecodeStep:
         self.norm_f = norm(model.norm_f)
         self.lm_head = matrix(model.lm_head)[0]
         self.cos = self.sin = _EMPTY2
-        if cfg.flavour == "llama":  # (S, hd/2): the angles `GPT.forward` computes, by position
-            cos, sin = _rope_cos_sin(torch.arange(cache.max_len), cfg)
+        if cfg.flavour == "llama":  # (seq_len, hd/2): the angles `GPT.forward` computes, by position
+            cos, sin = _rope_cos_sin(torch.arange(cfg.seq_len), cfg)
             self.cos, self.sin = cos[0, :, 0].contiguous().numpy(), sin[0, :, 0].contiguous().numpy()
         self.refresh()
+
+    bind = _DecodeStep.bind
 
     def refresh(self) -> None:
         """Re-derive what depends on the cache's rows (after `cache.select`): views and scratch buffers."""

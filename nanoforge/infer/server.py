@@ -15,8 +15,10 @@ Endpoints, in OpenAI's request and response shapes (the `openai` client works ag
     GET  /                      the web chat (static/chat.html + chat.js): streams replies, model text is
                                 only ever set as textContent
 
-Generation runs on one worker thread, off the event loop: requests are answered one after the other in
-arrival order, at most `max_pending` wait (then 503), and a client that disconnects stops its generation.
+Generation runs on one worker thread, off the event loop, with continuous batching: every running request
+advances by one token per decode step, a new one joins at the next step (up to `--max-batch` at once, the
+rest wait in arrival order), at most `max_pending` wait or run (then 503), and a client that disconnects
+or whose stop string appears leaves the batch at the next step.
 Every request is bounded: a 1 MiB body, `max_tokens` at most the context, a prompt that leaves no room in
 the context is refused. Bad requests get a 4xx with OpenAI's error body `{"error": {"message", "type",
 "param", "code"}}` (the checks are in openai_protocol.py). With `--api-key`, `/v1/*` needs
@@ -35,9 +37,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,17 +96,26 @@ class TokenFeed:
 
 
 class GenerationQueue:
-    """One worker thread runs generations one at a time, in arrival order; at most `max_pending` are
-    queued or running, beyond that `submit` refuses with 503."""
+    """One worker thread decodes every running request together (continuous batching,
+    `nanoforge.infer.batching`): a request joins the running batch at the next decode step, up to
+    `max_batch` at once, later ones wait in arrival order; at most `max_pending` are waiting or running,
+    beyond that `submit` refuses with 503. A request whose reader is gone (`feed.cancel()`) leaves the batch
+    at the next step. A failing step fails the requests it was decoding, not the worker."""
 
-    def __init__(self, max_pending: int = 64) -> None:
+    def __init__(self, cm: ChatModel, max_pending: int = 64, max_batch: int = 16) -> None:
         self.max_pending = max_pending
         self.pending = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanoforge-generate")
-        self._feeds: set[TokenFeed] = set()
+        self._new_batch = partial(cm.batch, max_batch)
+        self._batch = self._new_batch()
+        self._inbox: list[tuple[TokenFeed, Callable[[Any], None], Job]] = []
+        self._feeds: dict[int, tuple[TokenFeed, Callable[[Any], None]]] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="nanoforge-generate", daemon=True)
+        self._thread.start()
 
-    def submit(self, make: Callable[[], Generator[int, None, None]]) -> TokenFeed:
-        """Queue the generation that `make()` starts; its tokens arrive through the returned feed."""
+    def submit(self, job: Job) -> TokenFeed:
+        """Queue `job`'s generation; its tokens arrive through the returned feed, then its end."""
         if self.pending >= self.max_pending:
             raise ApiError(503, f"the server is busy ({self.pending} requests are waiting); retry later",
                            kind="server_error", code="server_busy")
@@ -117,39 +128,73 @@ class GenerationQueue:
             except RuntimeError:  # the event loop is closed: the server is shutting down
                 feed.stop.set()
 
-        def work() -> None:
-            try:
-                if feed.stop.is_set():  # the client left while the request waited
-                    return
-                tokens = make()
-                try:
-                    for token in tokens:
-                        put(token)
-                        if feed.stop.is_set():
-                            break
-                finally:
-                    tokens.close()
-            except Exception as e:  # reported to this request only; the worker goes on with the next one
-                log.exception("generation failed")
-                put(e)
-            finally:
-                put(_END)
-
-        def done(_: object) -> None:
-            self.pending -= 1
-            self._feeds.discard(feed)
-
-        self.pending += 1
-        self._feeds.add(feed)
-        loop.run_in_executor(self._executor, work).add_done_callback(done)
+        with self._wake:
+            self.pending += 1
+            self._inbox.append((feed, put, job))
+            self._wake.notify()
         return feed
 
     def close(self) -> None:
-        """Abandon every queued and running generation (their readers see the end) and stop the worker."""
-        for feed in list(self._feeds):
+        """Abandon every waiting and running generation (their readers see the end) and stop the worker."""
+        with self._wake:
+            self._closed = True
+            feeds = [feed for feed, _, _ in self._inbox] + [feed for feed, _ in list(self._feeds.values())]
+            self._wake.notify()
+        for feed in feeds:
             feed.cancel()
             feed.items.put_nowait(_END)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _work(self) -> None:
+        batch = self._batch
+        while True:
+            with self._wake:
+                while not (self._inbox or batch.busy or self._closed):
+                    self._wake.wait()
+                if self._closed:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for feed, put, job in inbox:
+                if feed.stop.is_set():  # the client left while the request waited
+                    self._end(put)
+                    continue
+                s = job.sampling
+                try:
+                    handle = batch.add(job.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                       top_k=s.top_k, top_p=s.top_p, stop_tokens=job.stop_tokens, seed=s.seed)
+                except Exception as e:
+                    self._end(put, e)
+                    continue
+                self._feeds[handle] = (feed, put)
+            for handle, (feed, put) in list(self._feeds.items()):
+                if feed.stop.is_set():
+                    batch.cancel(handle)
+                    self._end(put)
+                    del self._feeds[handle]
+            try:
+                events = batch.step()
+            except Exception as e:  # reported to the requests in the batch; the worker goes on with a new one
+                log.exception("generation failed")
+                for _, put in self._feeds.values():
+                    self._end(put, e)
+                self._feeds.clear()
+                batch = self._batch = self._new_batch()
+                continue
+            for handle, token in events:
+                if handle not in self._feeds:
+                    continue
+                feed, put = self._feeds[handle]
+                if token is None:
+                    self._end(put)
+                    del self._feeds[handle]
+                else:
+                    put(token)
+
+    def _end(self, put: Callable[[Any], None], error: Exception | None = None) -> None:
+        if error is not None:
+            put(error)
+        put(_END)
+        with self._wake:
+            self.pending -= 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,7 +235,7 @@ class Reply:
         self.finish_reason = "length"
         self._decoder = TextStream(cm.tok)
         self._stops = StopStrings(job.stop_strings)
-        self.feed = queue.submit(lambda: cm.stream(job.prompt, job.sampling, job.stop_tokens))
+        self.feed = queue.submit(job)
 
     async def pieces(self) -> AsyncIterator[str]:
         async for token in self.feed:
@@ -359,12 +404,12 @@ async def _security_headers(_: web.Request, response: web.StreamResponse) -> Non
     response.headers.update(SECURITY_HEADERS)
 
 
-def create_app(cm: ChatModel, *, api_key: str | None = None, max_pending: int = 64,
+def create_app(cm: ChatModel, *, api_key: str | None = None, max_pending: int = 64, max_batch: int = 16,
                max_body: int = MAX_BODY) -> web.Application:
     """The aiohttp application serving `cm` (see the module docstring for the endpoints)."""
     app = web.Application(middlewares=[_guard(api_key, max_body)], client_max_size=max_body)
     app[MODEL_KEY] = cm
-    app[QUEUE_KEY] = queue = GenerationQueue(max_pending)
+    app[QUEUE_KEY] = queue = GenerationQueue(cm, max_pending, max_batch)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -416,7 +461,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(model_dir: Path | str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "auto", max_pending: int = 64) -> None:
+          device: str = "auto", max_pending: int = 64, max_batch: int = 16) -> None:
     """`nanoforge serve`: load the model in `model_dir` and serve it until Ctrl-C.
 
     The API key comes from `api_key`, else from $NANOFORGE_API_KEY (which keeps it out of `ps`)."""
@@ -425,7 +470,7 @@ def serve(model_dir: Path | str, *, host: str = "127.0.0.1", port: int = 8000, a
     if not api_key and not _is_loopback(host):
         print(f"warning: serving on {host} without --api-key: anyone who reaches this port can use the model",
               file=sys.stderr)
-    with run_server(create_app(cm, api_key=api_key, max_pending=max_pending), host, port) as url:
+    with run_server(create_app(cm, api_key=api_key, max_pending=max_pending, max_batch=max_batch), host, port) as url:
         print(f"serving {cm.name} at {url} (web chat there, OpenAI API at {url}v1; Ctrl-C stops)", flush=True)
         try:
             threading.Event().wait()
