@@ -20,22 +20,16 @@ the store's writer thread appends them to the files, then journals them.
 from __future__ import annotations
 
 import asyncio
-import codecs
-import functools
-import html
-import re
 import signal
 import sys
 import time
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from protego import Protego
@@ -45,6 +39,17 @@ from yarl import URL
 from nanoforge.artifacts import MANIFEST, write_manifest
 from nanoforge.console import info
 from nanoforge.data.warcstore import CrawlStats, Exchange, WarcStore, recover, warc_records
+from nanoforge.data.weblinks import (
+    charset_of,
+    extract_links,
+    has_non_html_extension,
+    in_domains,
+    looks_binary,
+    normalize_cached,
+    normalize_url,
+    origin_of,
+    sitemap_locs,
+)
 from nanoforge.errors import NanoforgeError
 
 MAX_REDIRECTS = 10  # hops followed from one URL; more is counted "too-many-redirects"
@@ -55,17 +60,7 @@ BACKOFF_S = 0.5  # first retry waits this long, then doubles; a Retry-After (cap
 MAX_RETRY_AFTER_S = 60.0
 INLINE_BYTES = 256 << 10  # bodies up to this size are parsed and turned into WARC records on the event loop
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-# Links ending so are not HTML: skipped before any request is made.
-NON_HTML_EXTENSIONS = frozenset(
-    "7z aac apk avi bin bmp bz2 css csv deb dmg doc docx eot epub exe flac gif gz ico iso jar jpeg jpg js json m4a "
-    "mkv mov mp3 mp4 mpeg mpg msi odt ogg otf pdf png ppt pptx ps rar rpm rss svg swf tar tgz tif tiff ttf txt wav "
-    "webm webp wmv woff woff2 xls xlsx xml xz zip".split()
-)
-# WHATWG MIME sniffing's "binary data bytes": text never has them, so an "HTML" body that does is not HTML.
-_BINARY_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C, 0x20)])
 T = TypeVar("T")
-_HAS_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:")
-_SITEMAP_LOC = re.compile(rb"<loc>\s*(.*?)\s*</loc>", re.S | re.I)
 
 
 @dataclass
@@ -84,131 +79,6 @@ class CrawlConfig:
     timeout: float = 20.0  # per request (connect + headers + body), seconds
     retries: int = 3  # for transient errors (connection errors, timeouts, 429, 5xx), with exponential backoff
     warc_max_bytes: int = 100 << 20  # rotate WARC files at about this size
-
-
-# ------------------------------------------------------------------------------------------------ URLs
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 §5.2.4: '/a/./b/../c' → '/a/c' (a trailing '.' or '..' leaves the trailing slash)."""
-    segments = path.split("/")
-    out: list[str] = []
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        if seg in (".", ".."):
-            if seg == ".." and len(out) > 1:
-                out.pop()
-            if last:
-                out.append("")
-            continue
-        out.append(seg)
-    return "/".join(out)
-
-
-def normalize_url(url: str, base: str | None = None) -> str | None:
-    """The crawler's key for a URL (resolved against `base`), or None if it is not an http(s) URL.
-
-    Drops the fragment and any user info, lowercases scheme and host (IDNA-encoded), removes the default port,
-    resolves '.' and '..', percent-encodes what must be, keeps the query: 'HTTP://Ex.org:80/a/../b?q#f' →
-    'http://ex.org/b?q'.
-    """
-    url = url.strip().replace("\t", "").replace("\n", "").replace("\r", "")  # as browsers do (WHATWG URL)
-    try:
-        parts = urlsplit(urljoin(base, url) if base and not _HAS_SCHEME.match(url) else url)
-        port = parts.port
-        host = parts.hostname
-        if host and not host.isascii():
-            host = host.encode("idna").decode("ascii")
-    except (ValueError, UnicodeError):
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not host:
-        return None
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
-    path = quote(_remove_dot_segments(parts.path), safe="/%!$&'()*+,;=:@~") or "/"
-    query = quote(parts.query, safe="/?%!$&'()*+,;=:@~")
-    return urlunsplit((scheme, netloc, path, query, ""))
-
-
-_normalize_cached = functools.lru_cache(maxsize=1 << 16)(normalize_url)
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _in_domains(url: str, domains: list[str]) -> bool:
-    host = urlsplit(url).hostname or ""
-    return any(host == d or host.endswith("." + d) for d in domains)
-
-
-def _has_non_html_extension(url: str) -> bool:
-    name = urlsplit(url).path.rsplit("/", 1)[-1]
-    return "." in name and name.rsplit(".", 1)[1].lower() in NON_HTML_EXTENSIONS
-
-
-# --------------------------------------------------------------------------------------------- content
-
-
-class _LinkParser(HTMLParser):
-    """Collects link targets (a/area href, frame/iframe src) and the first <base href>."""
-
-    _ATTRS = {"a": "href", "area": "href", "frame": "src", "iframe": "src", "base": "href"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.links: list[str] = []
-        self.base: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        name = self._ATTRS.get(tag)
-        value = dict(attrs).get(name) if name else None
-        if value is None:
-            return
-        if tag != "base":
-            self.links.append(value)
-        elif self.base is None:
-            self.base = value
-
-
-def extract_links(body: bytes, charset: str, url: str) -> tuple[list[str], str]:
-    """The links of an HTML page as written, and the URL to resolve them against (its <base href> or `url`)."""
-    parser = _LinkParser()
-    parser.feed(body.decode(charset, errors="replace"))
-    parser.close()
-    return parser.links, urljoin(url, parser.base) if parser.base else url
-
-
-def _looks_binary(body: bytes) -> bool:
-    head = body[:1024]
-    if head.startswith((b"\xfe\xff", b"\xff\xfe", b"\xef\xbb\xbf")):  # UTF-16/UTF-8 byte order marks: text
-        return False
-    return len(head.translate(None, _BINARY_BYTES)) != len(head)
-
-
-def _sitemap_locs(body: bytes, max_bytes: int) -> tuple[list[str], bool]:
-    """(the <loc> URLs of a sitemap, whether it is a sitemap index); gzipped sitemaps are inflated (capped)."""
-    if body[:2] == b"\x1f\x8b":
-        try:
-            body = zlib.decompressobj(wbits=31).decompress(body, max_bytes)
-        except zlib.error:
-            return [], False
-    locs = [html.unescape(m.decode("utf-8", errors="replace")) for m in _SITEMAP_LOC.findall(body)]
-    return locs, b"<sitemapindex" in body
-
-
-def _charset(content_type: str | None) -> str:
-    for param in (content_type or "").split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            try:
-                return codecs.lookup(value.strip().strip("\"'")).name
-            except LookupError:
-                break
-    return "utf-8"
 
 
 # ---------------------------------------------------------------------------------------------- fetching
@@ -298,7 +168,7 @@ class _Crawler:
             if line["t"] == "fetch" and line["outcome"] != "retry":
                 done.add(line["url"])
         self.seen.update(pending)
-        self.seed_origins = {_origin(s) for s in seeds}
+        self.seed_origins = {origin_of(s) for s in seeds}
         for seed in seeds:
             if seed not in self.seen:
                 self.seen.add(seed)
@@ -317,7 +187,7 @@ class _Crawler:
     # --- frontier and scheduling
 
     def _enqueue(self, entry: _Entry) -> None:
-        origin = _origin(entry.url)
+        origin = origin_of(entry.url)
         host = self.hosts.get(origin)
         if host is None:
             host = self.hosts[origin] = _Host(origin, delay=self.cfg.delay)
@@ -328,16 +198,16 @@ class _Crawler:
     def _admit(self, raw: str, base: str | None, depth: int, skips: Counter, new: list[_Entry],
                via: tuple[str, ...] = (), kind: str = "page") -> None:
         """Add a link (or redirect target) to `new` if it is to be fetched, else count why not in `skips`."""
-        url = _normalize_cached(raw, base)
+        url = normalize_cached(raw, base)
         if url is None:
             reason = "not-http"
         elif url in via:
             reason = "redirect-loop"
         elif len(via) > MAX_REDIRECTS:
             reason = "too-many-redirects"
-        elif not _in_domains(url, self.domains):
+        elif not in_domains(url, self.domains):
             reason = "off-domain"
-        elif kind == "page" and _has_non_html_extension(url):
+        elif kind == "page" and has_non_html_extension(url):
             reason = "non-html-extension"
         elif url in self.seen:
             reason = "duplicate"
@@ -522,7 +392,7 @@ class _Crawler:
             line["outcome"] = "http-error"
         elif entry.kind == "sitemap":
             line["outcome"] = "sitemap"
-            locs, is_index = _sitemap_locs(result.body, self.cfg.max_page_bytes)
+            locs, is_index = sitemap_locs(result.body, self.cfg.max_page_bytes)
             for loc in locs:
                 if is_index:
                     self._admit(loc, entry.url, entry.depth + 1, skips, new, kind="sitemap")
@@ -532,10 +402,10 @@ class _Crawler:
             line["outcome"] = self._classify(result)
             if line["outcome"] == "page":
                 links, base = await self._off_loop_if_big(len(result.body), extract_links, result.body,
-                                                          _charset(result.content_type), entry.url)
+                                                          charset_of(result.content_type), entry.url)
                 # A '/path' link means the same on every page of a site: resolved against the origin, its
                 # normalization is cached once for the whole site (menus, footers) rather than once per page.
-                origin = _origin(base)
+                origin = origin_of(base)
                 for link in links:
                     rooted = link.startswith("/") and not link.startswith("//")
                     self._admit(link, origin if rooted else base, entry.depth + 1, skips, new)
@@ -548,7 +418,7 @@ class _Crawler:
         """A 2xx answer to a page request: "page", or why it is not one."""
         if ex.truncated == "unspecified" or (ex.content_type is None and not ex.body.lstrip().startswith(b"<")):
             return "non-html-type"
-        if _looks_binary(ex.body):  # the Content-Type said HTML; the bytes say otherwise
+        if looks_binary(ex.body):  # the Content-Type said HTML; the bytes say otherwise
             return "binary-body"
         return "truncated" if ex.truncated else "page"
 
@@ -614,7 +484,7 @@ def _check_config(cfg: CrawlConfig) -> tuple[list[str], list[str]]:
     if any(not d or "/" in d or ":" in d for d in domains):
         raise NanoforgeError(f"--allow-domain {cfg.allow_domains}: give host names such as example.org")
     domains = domains or sorted({urlsplit(s).hostname or "" for s in seeds})
-    outside = [s for s in seeds if not _in_domains(s, domains)]
+    outside = [s for s in seeds if not in_domains(s, domains)]
     if outside:
         raise NanoforgeError(f"seed {outside[0]} is outside the allowed domains ({', '.join(domains)})")
     for name in ("max_pages", "concurrency", "max_page_bytes", "warc_max_bytes"):
