@@ -170,3 +170,15 @@ def test_bad_arguments_are_refused(kw: dict, message: str) -> None:
     prompts = kw.pop("prompts", PROMPTS)
     with pytest.raises(NanoforgeError, match=message):
         generate(m, prompts, max_new_tokens=3, **kw)
+
+
+def test_compiled_step_handles_norms_without_gain_or_bias() -> None:
+    m = model_of("gpt2").eval()
+    for b in m.h:
+        b.norm1, b.norm2 = torch.nn.LayerNorm(32, bias=False), torch.nn.LayerNorm(32, elementwise_affine=False)
+    with torch.inference_mode():
+        caches = [KVCache(1, 12, m.cfg) for _ in range(2)]
+        for cache in caches:
+            m(torch.tensor([[3, 4, 5]]), kv_cache=cache)
+        fast = CpuDecodeStep(m, caches[1])(torch.tensor([7]))
+        torch.testing.assert_close(fast, m(torch.tensor([[7]]), kv_cache=caches[0])[:, -1], atol=1e-5, rtol=0)

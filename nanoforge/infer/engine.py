@@ -297,18 +297,21 @@ class CpuDecodeStep:
             bias = None if linear.bias is None else linear.bias.detach()
             return linear.weight.detach().t().contiguous(), bias
 
-        def norm(module: nn.Module | None) -> tuple:
+        def norm(module: nn.Module | None) -> tuple[np.ndarray, np.ndarray, float]:
+            """(gain, bias, eps) as the kernels take them; a norm without gain or bias gets ones or zeros."""
             if module is None:
                 return _EMPTY, _EMPTY, 0.0
             eps = torch.finfo(torch.float32).eps if module.eps is None else module.eps
+            size = module.normalized_shape[-1]
+            gain = np.ones(size, np.float32) if module.weight is None else module.weight.detach().numpy()
             bias = getattr(module, "bias", None)
-            return module.weight.detach().numpy(), _EMPTY if bias is None else bias.detach().numpy(), eps
+            return gain, np.zeros(size, np.float32) if bias is None else bias.detach().numpy(), eps
 
         self.layers = [
             (
                 norm(b.norm1),
                 *matrix(b.attn.qkv),
-                norm(b.attn.q_norm)[0],
+                norm(b.attn.q_norm)[0],  # empty without QK-norm
                 norm(b.attn.k_norm)[0],
                 *matrix(b.attn.proj),
                 norm(b.norm2),
@@ -318,7 +321,7 @@ class CpuDecodeStep:
             for b in model.h
         ]
         self.centered = cfg.flavour == "gpt2"  # LayerNorm, else RMSNorm
-        self.qk_eps = cfg.norm_eps
+        self.qk_eps = norm(model.h[0].attn.q_norm)[2]  # QK-norm's eps (unused without QK-norm)
         self.wte = model.wte.weight.detach().numpy()
         self.wpe = _EMPTY2 if model.wpe is None else model.wpe.weight.detach().numpy()
         self.norm_f = norm(model.norm_f)
