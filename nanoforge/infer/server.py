@@ -100,7 +100,8 @@ class GenerationQueue:
     `nanoforge.infer.batching`): a request joins the running batch at the next decode step, up to
     `max_batch` at once, later ones wait in arrival order; at most `max_pending` are waiting or running,
     beyond that `submit` refuses with 503. A request whose reader is gone (`feed.cancel()`) leaves the batch
-    at the next step. A failing step fails the requests it was decoding, not the worker."""
+    at the next step. A failing step fails the requests in its batch (running or about to join), not the
+    worker: the next requests get a new batch."""
 
     def __init__(self, cm: ChatModel, max_pending: int = 64, max_batch: int = 16) -> None:
         self.max_pending = max_pending
