@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import CpuDecodeStep, _DecodeStep, generate, stream
+from nanoforge.infer.engine import CpuDecodeStep, _DecodeStep, _draw, generate, stream
 from nanoforge.model import GPT, KVCache, ModelConfig
 
 V, T = 61, 48
@@ -182,3 +182,13 @@ def test_compiled_step_handles_norms_without_gain_or_bias() -> None:
             m(torch.tensor([[3, 4, 5]]), kv_cache=cache)
         fast = CpuDecodeStep(m, caches[1])(torch.tensor([7]))
         torch.testing.assert_close(fast, m(torch.tensor([[7]]), kv_cache=caches[0])[:, -1], atol=1e-5, rtol=0)
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_zero(monkeypatch) -> None:
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7, 0.0]]).expand(200_000, -1)
+    counts = torch.bincount(_draw(probs, torch.Generator().manual_seed(0)), minlength=5) / probs.shape[0]
+    torch.testing.assert_close(counts, probs[0], atol=0.005, rtol=0)  # 5 standard errors at most
+    assert counts[2] == counts[4] == 0
+    # u·total rounding up to the total: the last token with any probability, never a zero one
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+    assert _draw(torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]), None).tolist() == [1, 2]
