@@ -39,3 +39,13 @@ def test_machine_paths_show_as_visible_placeholders_in_html(tmp_path):
     build_site(CorpusConfig(modules=["textwrap"], workers=1), tmp_path / "site")
     page = (tmp_path / "site" / "textwrap.html").read_text()
     assert "&lt;python&gt;/lib/" in page and "<python>" not in page
+
+
+def test_pages_are_the_same_on_every_build(tmp_path):
+    # configparser's page shows default values whose reprs carry memory addresses ("<object at 0x7f…>")
+    pages = []
+    for run in ("a", "b"):
+        build_site(CorpusConfig(modules=["configparser"], workers=1), tmp_path / run)
+        pages.append((tmp_path / run / "configparser.html").read_text())
+    assert "0x7" not in pages[0] and "at&nbsp;0x" not in pages[0]
+    assert pages[0] == pages[1]

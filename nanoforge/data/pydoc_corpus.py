@@ -36,8 +36,10 @@ EXCLUDED = frozenset({
 })
 # The FILE section names a path on this machine; it says nothing about the module.
 _FILE_SECTION = re.compile(r"\nFILE\n    [^\n]*\n?")
-# Object reprs carry memory addresses ("<object object at 0x7f…>", "handle 7f…") that differ per run.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|(?<=handle )[0-9a-fA-F]+")
+# Object reprs carry memory addresses ("<object object at 0x7f…>", "handle 7f…") that differ per run; in
+# pydoc's HTML the spaces around them are "&nbsp;".
+_ADDRESS = re.compile(r"(?: |&nbsp;)at(?: |&nbsp;)0x[0-9a-fA-F]+")
+_HANDLE = re.compile(r"(handle(?: |&nbsp;))[0-9a-fA-F]+")
 # A fixed environment for the rendering processes: pages such as os.environ or cgi.FieldStorage print
 # the environment, which must neither leak into a corpus (it may hold secrets) nor make it vary.
 _CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/user", "LANG": "C.UTF-8"}
@@ -105,7 +107,7 @@ def render_module(name: str, fmt: str = "text") -> str | None:
                 text = _FILE_SECTION.sub("\n", pydoc.render_doc(module, renderer=pydoc.plaintext))
     except BaseException:  # ImportError, platform-specific modules, SystemExit from odd imports
         return None
-    text = _ADDRESS.sub("", text)
+    text = _HANDLE.sub(r"\1", _ADDRESS.sub("", text))
     for path, placeholder in _machine_paths():
         text = text.replace(path, html.escape(placeholder) if fmt == "html" else placeholder)
     return text.strip() + "\n"
