@@ -115,3 +115,8 @@ def test_serving_benchmark_quick_mode_gives_the_same_replies_every_way(tmp_path:
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert len(results) == 3 and all(r["same_replies"] and r["tok_s"] > 0 for r in results.values())
+
+
+def test_max_batch_must_be_positive() -> None:
+    with pytest.raises(NanoforgeError, match="max-batch"):
+        ContinuousBatch(model_of("llama"), max_batch=0)

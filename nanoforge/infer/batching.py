@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import CpuDecodeStep, _check, _DecodeStep, _plain, _sample
 from nanoforge.model import GPT, KVCache
 
@@ -52,7 +53,7 @@ class ContinuousBatch:
 
     def __init__(self, model: GPT, max_batch: int = 16) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise NanoforgeError(f"serve: --max-batch must be >= 1, got {max_batch}")
         self.model, self.cfg, self.max_batch = model.eval(), model.cfg, max_batch
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
