@@ -62,6 +62,7 @@ from nanoforge.train.distributed import (
     grad_sync,
     init_distributed,
     parallelize,
+    run_then_close,
 )
 from nanoforge.train.metrics import MetricsLog, plot_series
 from nanoforge.train.optim import build_adamw
@@ -278,10 +279,7 @@ def grpo(cfg: GRPOConfig, model_dir: Path, out: Path, *, resume: bool = False) -
     and the manifest into `out`. Under torchrun every rank calls this with the same arguments."""
     cfg = resolve_grpo(cfg)
     d, device = init_distributed(cfg.device)
-    try:
-        return _grpo(cfg, Path(model_dir), Path(out), resume, d, device)
-    finally:
-        d.close()
+    return run_then_close(d, lambda: _grpo(cfg, Path(model_dir), Path(out), resume, d, device))
 
 
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:

@@ -64,6 +64,7 @@ from nanoforge.train.distributed import (
     init_distributed,
     parallelize,
     replica,
+    run_then_close,
 )
 from nanoforge.train.faults import StopRequest, TrainingStopped
 from nanoforge.train.loop import autocast, choose_dtype
@@ -277,11 +278,8 @@ def sft(cfg: SFTConfig, model_dir: Path, data: list[Path], out: Path, *, val: li
     """Fine-tune the model artifact in `model_dir` on chat JSONL `data`; write the fine-tuned model (or,
     with `lora_rank > 0`, the adapter) and the manifest into `out`. Under torchrun every rank calls it."""
     d, device = init_distributed(cfg.device)
-    try:
-        return _sft(cfg, Path(model_dir), [Path(p) for p in data], [Path(p) for p in val or []], Path(out),
-                    resume, d, device)
-    finally:
-        d.close()
+    return run_then_close(d, lambda: _sft(cfg, Path(model_dir), [Path(p) for p in data],
+                                          [Path(p) for p in val or []], Path(out), resume, d, device))
 
 
 def _check(cfg: SFTConfig, d: Dist) -> tuple[int, int]:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,8 @@ from torch.utils.checkpoint import checkpoint
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT
 from nanoforge.train.hardware import pick_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,25 @@ class Dist:
     def active(self) -> bool:
         return self.world_size > 1
 
-    def close(self) -> None:
+    def close(self, synced: bool = False) -> None:
+        """Leave the process group. `synced`: every rank got here, so wait for all of them first."""
         if self.owns_group and dist.is_initialized():
+            if synced:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+def run_then_close(d: Dist, fn: Callable[[], T]) -> T:
+    """`fn()` on this rank, then the group closed: after a barrier when fn returned (every rank is past its
+    last collective before any destroys the group: without it a 2-rank gloo run ended now and then in
+    "terminate called without an active exception"), at once when fn raised (the others may never come)."""
+    try:
+        result = fn()
+    except BaseException:
+        d.close()
+        raise
+    d.close(synced=True)
+    return result
 
 
 def init_distributed(requested_device: str = "auto") -> tuple[Dist, torch.device]:

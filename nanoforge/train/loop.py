@@ -53,6 +53,7 @@ from nanoforge.train.distributed import (
     init_distributed,
     parallelize,
     replica,
+    run_then_close,
 )
 from nanoforge.train.faults import LossGuard, StopRequest, TrainingStopped, injected_nan_steps
 from nanoforge.train.hardware import peak_flops
@@ -145,10 +146,7 @@ def pretrain(cfg: PretrainConfig, data: Path, out: Path, *, resume: bool = False
     """
     cfg = resolve_pretrain(cfg)
     d, device = init_distributed(cfg.device)
-    try:
-        return _pretrain(cfg, Path(data), Path(out), resume, tokenizer, d, device)
-    finally:
-        d.close()
+    return run_then_close(d, lambda: _pretrain(cfg, Path(data), Path(out), resume, tokenizer, d, device))
 
 
 def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenizer: Path | None, d: Dist,
