@@ -17,8 +17,6 @@ figure is the median over rounds (the best is printed too). One JSON line is app
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from benchlib import append_record, cpu_name
 
 from nanoforge.hf import to_transformers
 from nanoforge.infer.engine import generate
@@ -62,13 +61,6 @@ def parse_args() -> argparse.Namespace:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def decode_ours(model: GPT, prompts: torch.Tensor, n_new: int) -> list[list[int]]:
@@ -167,10 +159,7 @@ def main() -> None:
         "quick": args.quick,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {args.out}")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from benchlib import append_record
 
 from nanoforge.data.pydoc_corpus import CorpusConfig, build_corpus
 from nanoforge.hf import ExportConfig, export_hf
@@ -180,10 +181,7 @@ def main() -> None:
               "prompts": args.prompts, "group_size": args.group_size, "new_tokens": args.new_tokens,
               "steps": args.steps, "quick": args.quick, "timing": {"stat": "median over steps 2..N"},
               "results": {k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}, "ratio": ratios}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {args.out}")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":

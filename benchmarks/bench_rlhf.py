@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import secrets
 import statistics
@@ -42,6 +40,7 @@ from pathlib import Path
 import aiohttp
 import torch
 import transformers
+from benchlib import append_record, cpu_name
 
 from nanoforge.feedback.store import FeedbackStore, Item
 from nanoforge.hf import hf_config, to_hf_state, to_transformers
@@ -73,13 +72,6 @@ def parse_args() -> argparse.Namespace:
         args.vocab, args.d_model, args.layers, args.heads, args.pairs = 512, 64, 2, 4, 4
         args.steps, args.rounds, args.items, args.clients, args.per_client = 1, 2, 40, 4, 10
     return args
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,10 +293,7 @@ def main() -> None:
               "shape": {"vocab": args.vocab, "d_model": args.d_model, "layers": args.layers, "heads": args.heads},
               "pairs": args.pairs, "timing": {"steps": args.steps, "rounds": args.rounds, "stat": "median"},
               "quick": args.quick, "training": training, "labelling": labelling}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {args.out}")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ waits for its last token. The batched replies are checked against the one-at-a-t
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from benchlib import append_record
 
 from nanoforge.hf import to_transformers
 from nanoforge.infer.batching import ContinuousBatch
@@ -108,15 +108,11 @@ def main() -> None:
                       "same_replies": outputs[name] == outputs["one at a time"]}
         print(f"{name:30s} {tok_s:8.0f} tok/s ({tok_s / base:.2f}x), a request waits {rows[name]['mean_wait_s']:.2f} s "
               f"on average; replies identical to one-at-a-time: {rows[name]['same_replies']}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps({"bench": "serve", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "torch": torch.__version__, "transformers": transformers.__version__,
-                            "threads": torch.get_num_threads(), "shape": cfg.to_dict(), "requests": args.requests,
-                            "max_batch": args.max_batch, "tokens": n_tokens, "rounds": args.rounds,
-                            "quick": args.quick, "results": rows}) + "\n")
-    print(f"appended to {args.out}")
-
+    append_record(args.out, {"bench": "serve", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "torch": torch.__version__, "transformers": transformers.__version__,
+                             "threads": torch.get_num_threads(), "shape": cfg.to_dict(), "requests": args.requests,
+                             "max_batch": args.max_batch, "tokens": n_tokens, "rounds": args.rounds,
+                             "quick": args.quick, "results": rows})
 
 if __name__ == "__main__":
     main()

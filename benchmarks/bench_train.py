@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from benchlib import append_record, cpu_name
 
 from nanoforge.hf import transformers_model
 from nanoforge.model import GPT, ModelConfig
@@ -120,13 +120,6 @@ def matmul_peak(dtype: torch.dtype, device: str) -> float:
         if i:  # the first call pays for kernel selection
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def build(cfg: ModelConfig, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -200,13 +193,6 @@ def time_pair(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Names
 def bench_shape(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(flavour="llama", vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.layers,
                        n_embd=args.d_model, n_head=args.heads, n_kv_head=args.kv_heads, mlp_hidden=args.mlp_hidden)
-
-
-def append_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {path}")
 
 
 # ------------------------------------------------------------------------------------------ --nproc scaling

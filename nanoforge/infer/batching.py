@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import CpuDecodeStep, _check, _DecodeStep, _plain, _sample
+from nanoforge.infer.engine import CpuDecodeStep, _check, _DecodeStep, _plain, _sample, prefill
 from nanoforge.model import GPT, KVCache
 
 
@@ -118,7 +118,7 @@ class ContinuousBatch:
             room = self.max_batch - len(self.running)
             if self.waiting and room > 0:
                 joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-                cache, logits = self._prefill([s.prompt for s in joining])
+                cache, logits = prefill(self.model, [s.prompt for s in joining], 0)  # merged next
                 self._emit(joining, logits, events)
                 alive = [i for i, s in enumerate(joining) if s.budget > 0]
                 self._merge(cache, [joining[i] for i in alive], alive)
@@ -135,13 +135,6 @@ class ContinuousBatch:
         elif self._step.cache is not self.cache:
             self._step.bind(self.cache)
         return self._step(tokens)
-
-    def _prefill(self, prompts: list[list[int]]) -> tuple[KVCache, Tensor]:
-        longest = max(map(len, prompts))
-        pad = [longest - len(p) for p in prompts]
-        idx = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=self.device)
-        cache = KVCache(len(prompts), longest, self.cfg, self.device, self.dtype, pad=pad)
-        return cache, self.model(idx, kv_cache=cache, last_only=True)[:, -1]
 
     def _emit(self, seqs: list[_Seq], logits: Tensor, events: list[tuple[int, int | None]]) -> None:
         """Sample each sequence's next token with its own settings; record what it emits or that it ended."""

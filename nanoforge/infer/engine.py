@@ -122,11 +122,7 @@ def _decode(
     try:
         with torch.inference_mode():
             if use_cache:
-                longest = max(len(prompts[i]) for i in active)
-                pad = [longest - len(prompts[i]) for i in active]
-                idx = torch.tensor([[0] * n + prompts[i] for n, i in zip(pad, active, strict=True)])
-                cache = KVCache(len(active), longest + max(budget), cfg, param.device, param.dtype, pad=pad)
-                logits = model(idx.to(param.device), kv_cache=cache, last_only=True)[:, -1]
+                cache, logits = prefill(model, [prompts[i] for i in active], max(budget))
                 fast, step = _plain(model), None  # the decode step is built at its first use
                 cpu_f32 = param.device.type == "cpu" and param.dtype == torch.float32
             else:
@@ -168,6 +164,17 @@ def _decode(
                 tokens = sampled.tolist()
     finally:
         model.train(was_training)
+
+
+def prefill(model: GPT, prompts: list[list[int]], room: int) -> tuple[KVCache, Tensor]:
+    """Run the prompts, left-padded to the longest, into a new KV cache with `room` free slots after them;
+    returns the cache and each prompt's next-token logits (B, V)."""
+    param = next(model.parameters())
+    longest = max(map(len, prompts))
+    pad = [longest - len(p) for p in prompts]
+    idx = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=param.device)
+    cache = KVCache(len(prompts), longest + room, model.cfg, param.device, param.dtype, pad=pad)
+    return cache, model(idx, kv_cache=cache, last_only=True)[:, -1]
 
 
 def _plain(model: GPT) -> bool:
