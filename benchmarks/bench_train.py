@@ -32,7 +32,8 @@ way to use them.
 autocast, ours and `transformers`' GPT2LMHeadModel of the same shape (sdpa attention), one after the
 other so each side's peak memory is its own; it prints tokens/s, MFU against the GPU's datasheet bf16
 peak (`nanoforge.train.hardware`; nanoGPT and torchtitan report 45-55 % on A100/H100 for this size)
-and peak memory.
+and peak memory. `--sides ours` times ours alone (e.g. `--batch 32`), `--kernels 20` prints where our
+step's GPU time goes.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=None,
                    help="with --nproc: sequences per optimizer step over all ranks (default 4 × --batch)")
     p.add_argument("--gpu", action="store_true", help="the gpt2-124m preset with compile + bf16 (on --device cuda)")
+    p.add_argument("--sides", default="ours,transformers",
+                   help="with --gpu: which models to time (ours alone to compare batch sizes or commits)")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="with --gpu: profile 3 of our steps and print the N kernels that take the most GPU time")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
     p.add_argument("--out", type=Path, default=Path("bench-results/bench_train.jsonl"))
     args = p.parse_args()
@@ -344,7 +349,10 @@ def gpu_preset(args: argparse.Namespace) -> None:
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     build(cfg, "cpu")  # exits unless the two models have the same parameter count
     results = {}
-    for side in ("ours", "transformers"):
+    sides = [side.strip() for side in args.sides.split(",")]
+    if not sides or set(sides) - {"ours", "transformers"}:
+        raise SystemExit(f"--sides: expected ours and/or transformers, got {args.sides!r}")
+    for side in sides:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -372,18 +380,37 @@ def gpu_preset(args: argparse.Namespace) -> None:
         print(f"{side:13s} {r['tok_s']:10.0f} tok/s, MFU {r['mfu']:.1%}"
               + (f", peak memory {mem:.1f} GB" if mem is not None else "") + f" (compiled in {compile_s:.0f}s)",
               flush=True)
+        if side == "ours" and args.kernels:
+            print(top_kernels(step, device, args.kernels))
         del model, step
-    ratio = results["ours"]["tok_s"] / results["transformers"]["tok_s"]
-    print(f"ratio {ratio:.2f}x; MFU target ≥ 45% (nanoGPT, torchtitan): "
-          f"{'met' if results['ours']['mfu'] >= 0.45 else 'not met'}")
+    ratio = None
+    if len(results) == 2:
+        ratio = results["ours"]["tok_s"] / results["transformers"]["tok_s"]
+        print(f"ratio {ratio:.2f}x")
+    if "ours" in results:
+        print(f"MFU target ≥ 45% (nanoGPT, torchtitan): {'met' if results['ours']['mfu'] >= 0.45 else 'not met'}")
     append_record(args.out, {
         "bench": "train_gpu", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
         "hardware": hw, "torch": torch.__version__, "transformers": transformers.__version__,
         "shape": cfg.to_dict() | {"batch": batch}, "flops_per_token": flops_per_token, "peak_flops": peak,
         "dtype": "bf16", "compile": True, "quick": args.quick,
         "timing": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "stat": "median"},
-        "results": results, "ratio": round(ratio, 3),
+        "results": results, "ratio": None if ratio is None else round(ratio, 3),
     })
+
+
+def top_kernels(step: Callable[[], torch.Tensor], device: str, n: int) -> str:
+    """The n kernels (or CPU ops, on a CPU) that take the most time over 3 profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=90)
 
 
 # ------------------------------------------------------------------------------------------------ default

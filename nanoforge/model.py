@@ -427,6 +427,10 @@ def _cache_mask(start: int, T: int, pad: Tensor | None, device: torch.device) ->
 
 # logits per chunk of LinearCrossEntropy: ~16 MB of fp32 stays in a CPU's cache; GPUs want big chunks
 _LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "default": 2**27}
+# devices whose eager (uncompiled) loss runs the in-place chunk code; elsewhere the fusible one runs
+_IN_PLACE_LOSS_DEVICES = {"cpu"}
+# the vocabulary is padded to a multiple of this inside the loss, so each matmul's rows are 128-byte aligned
+_VOCAB_ALIGN = 64
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -436,11 +440,21 @@ class LinearCrossEntropy(torch.autograd.Function):
     The plain path materialises the (N, V) logits, an fp32 copy of them under autocast, the saved
     log-softmax, a zero-filled (N, V) gradient and its low-precision copy: many passes over N·V floats
     (on a CPU about as long as the lm_head matmuls themselves) and N·V·14 bytes of memory. Here each
-    chunk's logits (~16 MB on a CPU, so they stay in cache) go through log_softmax, softmax - one_hot and
-    the three matmuls, and are dropped. Backward only scales the saved gradients by the incoming scalar
-    (so a graph whose loss is never differentiated pays for gradients it does not use: evaluation runs
-    under `torch.no_grad()`, where none are computed). Under autocast the matmuls run in the autocast
-    dtype and the softmax in fp32, like the plain path.
+    chunk's logits go through log-softmax, softmax - one_hot and the three matmuls, and are dropped.
+    Backward only scales the saved gradients by the incoming scalar (so a graph whose loss is never
+    differentiated pays for gradients it does not use: evaluation runs under `torch.no_grad()`, where none
+    are computed). Under autocast the matmuls run in the autocast dtype and the softmax in fp32, like the
+    plain path.
+
+    Two implementations of a chunk, the same math:
+    - on a CPU, eager: in-place passes over ~16 MB chunks that stay in cache (`_chunk_in_place`);
+    - on a GPU, or wherever the model is compiled: `_chunk_fused`, written so that the compiler fuses the
+      softmax, the one-hot subtraction, the scaling and the cast into one pass that writes the gradient in
+      the matmul dtype. It runs over the vocabulary padded to a multiple of 64 with zero rows of `w` (an
+      odd vocabulary such as GPT-2's 50257 gives unaligned matrix rows, which cuBLAS runs on slower
+      kernels; nanoGPT pads its embedding table to 50304 for the same reason); the padded columns are
+      masked out of the softmax and get zero gradient, so the model keeps its real vocabulary. Run
+      eagerly on a GPU (under FSDP, where only the blocks are compiled), the chunk is compiled on its own.
     """
 
     @staticmethod
@@ -448,9 +462,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        in_place = device in _IN_PLACE_LOSS_DEVICES and not torch.compiler.is_compiling()
         with torch.autocast(device, enabled=False):
             xc, wc = x.to(dtype), w.to(dtype)  # (N, d), (V, d)
             N, V = xc.shape[0], wc.shape[0]
+            if not in_place and V % _VOCAB_ALIGN:
+                wc = F.pad(wc, (0, 0, 0, -V % _VOCAB_ALIGN))  # (V_padded, d), zero rows
             valid = targets != -100  # (N,)
             n_valid = valid.sum()
             safe_targets = targets.clamp_min(0)
@@ -460,21 +477,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             dx = torch.empty_like(xc) if want_dx else None
             dw = torch.zeros(wc.shape, device=x.device) if want_dw else None  # fp32 accumulator
             budget = _LOSS_CHUNK_ELEMENTS.get(device, _LOSS_CHUNK_ELEMENTS["default"])
-            n_chunks = math.ceil(N * V / budget)
-            for i in range(n_chunks):
-                s = slice(N * i // n_chunks, N * (i + 1) // n_chunks)
-                # one fused kernel upcasts and normalises: (C, V) fp32 log-probabilities
-                logp = torch.log_softmax(xc[s] @ wc.T, dim=-1, dtype=torch.float32)
-                losses[s] = -logp.gather(1, safe_targets[s, None]).squeeze(1)
-                if not (want_dx or want_dw):
-                    continue
-                grad = logp.exp_()  # softmax, in place: (C, V)
-                grad[torch.arange(grad.shape[0], device=x.device), safe_targets[s]] -= 1
-                grad = grad.mul_(row_scale[s, None]).to(dtype)
+            n_chunks = math.ceil(N * wc.shape[0] / budget)
+            rows = math.ceil(N / n_chunks)  # equal chunks but the last: at most two shapes to compile
+            chunk = _chunk_in_place if in_place else _fused_chunk_for(device)
+            for start in range(0, N, rows):
+                s = slice(start, start + rows)
+                losses[s], grad = chunk(xc[s] @ wc.T, safe_targets[s], row_scale[s], V, want_dx or want_dw)
                 if want_dx:
                     dx[s] = grad @ wc  # (C, d)
                 if want_dw:
                     dw += grad.T @ xc[s]  # (V, d)
+        if dw is not None and dw.shape[0] != V:
+            dw = dw[:V]
         ctx.save_for_backward(dx, dw)
         ctx.x_dtype = x.dtype
         losses = losses * valid
@@ -486,3 +500,47 @@ class LinearCrossEntropy(torch.autograd.Function):
         dx = None if dx is None else (dx * grad_loss).to(ctx.x_dtype)
         dw = None if dw is None else dw * grad_loss
         return dx, dw, None, None
+
+
+def _chunk_in_place(
+    logits: Tensor, targets: Tensor, row_scale: Tensor, vocab: int, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk's losses (C,) fp32 and d loss / d logits (C, V) in the logits' dtype, by in-place passes."""
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused upcast + normalise
+    losses = -logp.gather(1, targets[:, None]).squeeze(1)
+    if not want_grad:
+        return losses, None
+    grad = logp.exp_()  # softmax, in place: (C, V)
+    grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1
+    return losses, grad.mul_(row_scale[:, None]).to(logits.dtype)
+
+
+def _chunk_fused(
+    logits: Tensor, targets: Tensor, row_scale: Tensor, vocab: int, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """`_chunk_in_place` as pure element-wise and reduction ops (no in-place update, no scatter), which a
+    compiler fuses into a logsumexp pass and one gradient pass. Columns from `vocab` on are padding:
+    masked out of the softmax, zero gradient."""
+    z = logits.float()
+    cols = torch.arange(z.shape[1], device=z.device)
+    if z.shape[1] != vocab:
+        z = z.masked_fill(cols >= vocab, float("-inf"))
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (C, 1)
+    losses = (lse - z.gather(1, targets[:, None])).squeeze(1)
+    if not want_grad:
+        return losses, None
+    grad = (torch.exp(z - lse) - (cols == targets[:, None]).float()) * row_scale[:, None]
+    return losses, grad.to(logits.dtype)
+
+
+_compiled_chunks: dict[str, object] = {}
+
+
+def _fused_chunk_for(device: str) -> object:
+    """`_chunk_fused` itself while a compiler traces the model (it fuses it there); on an eager GPU a
+    compiled copy of it (compiled on the first call: a few seconds, once per process and shape)."""
+    if torch.compiler.is_compiling() or device != "cuda":
+        return _chunk_fused
+    if device not in _compiled_chunks:
+        _compiled_chunks[device] = torch.compile(_chunk_fused)
+    return _compiled_chunks[device]

@@ -170,13 +170,20 @@ def test_loss_matches_logits_and_ignores_minus_100() -> None:
     torch.testing.assert_close(mean, per_token.sum() / (targets != -100).sum())
 
 
+@pytest.mark.parametrize("chunk", ["in_place", "fused"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_chunked_loss_equals_plain_cross_entropy(
-    monkeypatch: pytest.MonkeyPatch, autocast: bool, reduction: str
+    monkeypatch: pytest.MonkeyPatch, autocast: bool, reduction: str, chunk: str
 ) -> None:
-    """The fused lm_head + loss (forced into 5 chunks) gives the loss and gradients of the plain path."""
-    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", {"cpu": 13 * V, "default": 13 * V})
+    """The fused lm_head + loss (forced into 5 chunks) gives the loss and gradients of the plain path, with
+    either chunk implementation; the fused one pads the odd vocabulary (97) to 128 columns."""
+    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", {"cpu": 13 * 128, "default": 13 * 128})
+    if chunk == "fused":  # what GPUs and compiled models run
+        monkeypatch.setattr(model_module, "_IN_PLACE_LOSS_DEVICES", set())
+        calls = []
+        real = model_module._chunk_fused
+        monkeypatch.setattr(model_module, "_chunk_fused", lambda *a: calls.append(a[0].shape) or real(*a))
     m = model_of(tiny("llama", n_kv_head=2))
     idx, targets = tokens(2, T), tokens(2, T, seed=2)
     targets[1, 3:9] = -100
@@ -194,11 +201,62 @@ def test_chunked_loss_equals_plain_cross_entropy(
         return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
     (loss, grads), (ref_loss, ref_grads) = run(True), run(False)
+    if chunk == "fused":
+        assert calls == [(13, 128)] * 4 + [(12, 128)]  # 64 rows in 5 chunks, padded columns
     tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(loss, ref_loss, **tol)
     for n, g in grads.items():
         scale = ref_grads[n].abs().max()  # bf16 gradients: compare relative to the tensor's scale
         torch.testing.assert_close(g / scale, ref_grads[n] / scale, **tol, msg=n)
+
+
+def test_compiled_model_gives_the_eager_loss_and_gradients() -> None:
+    """Under torch.compile (the default on GPUs) the traced loss is the fused chunk over a padded vocabulary;
+    loss and gradients equal the eager model's."""
+    m = model_of(tiny("gpt2"))
+    idx, targets = tokens(2, T), tokens(2, T, seed=2)
+    targets[0, :4] = -100
+
+    def run(module: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.zero_grad()
+        loss = module(idx, targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    (ref, ref_grads), (loss, grads) = run(m), run(torch.compile(m))
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # a GPU machine checks its own path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_on_each_device(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """LinearCrossEntropy on this machine's devices (on a GPU: the compiled fused chunk over a padded odd
+    vocabulary, in 3 chunks of two shapes) gives the loss and gradients of the plain path under bf16."""
+    vocab, n, d = 1003, 310, 64
+    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", {"cpu": 110 * 1024, "default": 110 * 1024})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    w = (0.1 * torch.randn(vocab, d, generator=g)).to(device).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    targets[:7] = -100
+
+    def run(fused: bool) -> tuple[torch.Tensor, ...]:
+        x.grad = w.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if fused:
+                loss = model_module.LinearCrossEntropy.apply(x, w, targets, "mean")
+            else:
+                loss = F.cross_entropy((x @ w.T).float(), targets)
+        loss.backward()
+        return loss.detach(), x.grad.clone(), w.grad.clone()
+
+    for got, want in zip(run(True), run(False), strict=True):
+        scale = want.abs().max()
+        torch.testing.assert_close(got / scale, want / scale, atol=2e-2, rtol=2e-2)
 
 
 def test_chunked_loss_without_weight_gradient() -> None:
