@@ -28,12 +28,13 @@ sequences, split over the ranks and accumulated). It prints tokens/s, the speedu
 its efficiency (speedup / N); the peer is one process with N threads on the same N cores, the other
 way to use them.
 
-`--gpu` times the gpt2-124m preset (12 × 768, seq 1024, micro-batch 16) with torch.compile and bf16
-autocast, ours and `transformers`' GPT2LMHeadModel of the same shape (sdpa attention), one after the
-other so each side's peak memory is its own; it prints tokens/s, MFU against the GPU's datasheet bf16
-peak (`nanoforge.train.hardware`; nanoGPT and torchtitan report 45-55 % on A100/H100 for this size)
-and peak memory. `--sides ours` times ours alone (e.g. `--batch 32`), `--kernels 20` prints where our
-step's GPU time goes.
+`--gpu` times the gpt2-124m preset (12 × 768, seq 1024) as `nanoforge pretrain` runs it: micro-batch 32
+(the preset's; `--batch`), gradients accumulated over the preset's 524,288-token batch (`--accum`), clipped, fused AdamW,
+torch.compile and bf16 autocast. Ours and `transformers`' GPT2LMHeadModel of the same shape (sdpa attention)
+run one after the other so each side's peak memory is its own; it prints tokens/s, MFU against the GPU's
+datasheet bf16 peak (`nanoforge.train.hardware`; nanoGPT and torchtitan report 45-55 % on A100/H100 for
+this size) and peak memory. `--sides ours` times ours alone (e.g. at `--batch 16`), `--kernels 20` prints
+where one of our optimizer steps spends its GPU time, `--cudagraphs` compiles both sides with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mlp-hidden", type=int, default=None, help="default: 8/3·d rounded up to 64")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=None,
-                   help="micro-batch (default 32; 8 per rank with --nproc; the preset's 16 with --gpu)")
+                   help="micro-batch (default 32; 8 per rank with --nproc; the preset's with --gpu)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (default: both on CPU, bf16 on GPU)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model (after compiling)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model after compiling (default 2; "
+                   "1 with --gpu)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model per round (default 3; 1 with --gpu)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 3 with --gpu)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (both sides)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="tiny shape and few steps, for smoke tests")
@@ -87,6 +89,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="the gpt2-124m preset with compile + bf16 (on --device cuda)")
     p.add_argument("--sides", default="ours,transformers",
                    help="with --gpu: which models to time (ours alone to compare batch sizes or commits)")
+    p.add_argument("--accum", type=int, default=None,
+                   help="with --gpu: micro-batches per optimizer step (default: the preset's 524,288-token batch)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="with --gpu: compile with mode='reduce-overhead' (CUDA graphs), both sides")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="with --gpu: profile 3 of our steps and print the N kernels that take the most GPU time")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
@@ -94,6 +100,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.gpu and args.device == "cpu" and not args.quick:
         args.device = "cuda"
+    timing = (1, 1, 3) if args.gpu else (2, 3, 5)  # an accumulated gpt2-124m step is ~1 s on an H100
+    for name, default in zip(("warmup", "steps", "rounds"), timing, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.quick:
         args.vocab, args.d_model, args.layers, args.heads, args.kv_heads = 512, 64, 2, 4, 2
         args.seq_len, args.batch, args.warmup, args.steps, args.rounds = 64, 4, 1, 2, 2
@@ -150,17 +160,29 @@ def make_step(
     y: torch.Tensor,
     dtype: torch.dtype,
     compiled: bool,
+    *,
+    mode: str | None = None,
+    clip: float | None = None,
 ) -> tuple[Callable[[], torch.Tensor], float]:
-    """A closure running one training step; also returns the seconds spent compiling (first steps)."""
+    """A closure running one training step; also returns the seconds spent compiling (first steps).
+
+    x, y are one micro-batch (B, T), or (A, B, T): A micro-batches whose gradients accumulate before the
+    optimizer step, as `nanoforge pretrain` does for its global batch. `clip` clips the gradient norm."""
     device = x.device.type
     fused = device in ("cpu", "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=mode) if compiled else model
+    xs, ys = (x, y) if x.ndim == 3 else (x[None], y[None])
+    accum = xs.shape[0]
 
     def step() -> torch.Tensor:
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss = fwd(x, y) if is_ours else fwd(input_ids=x, labels=y, shift_labels=y).loss
-        loss.backward()
+        for micro in range(accum):
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                xm, ym = xs[micro], ys[micro]
+                loss = fwd(xm, ym) if is_ours else fwd(input_ids=xm, labels=ym, shift_labels=ym).loss
+            (loss / accum if accum > 1 else loss).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -337,16 +359,19 @@ def gpu_preset(args: argparse.Namespace) -> None:
         preset.depth, preset.aspect, preset.head_dim, preset.seq_len = 2, 32, 16, 64
     cfg = model_config(preset, 512 if args.quick else 50257)
     batch = args.batch or preset.batch_size
+    accum = args.accum or (2 if args.quick else max(1, preset.batch_tokens // (batch * cfg.seq_len)))
+    mode = "reduce-overhead" if args.cudagraphs else None
     dtype = torch.bfloat16
     flops_per_token = GPT(cfg).flops_per_token()
     peak = peak_flops(torch.device(device), dtype)
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     print(f"gpt2-124m preset{' (--quick: a tiny GPT-2)' if args.quick else ''} on {hw}: "
-          f"{flops_per_token / 1e6:.0f} MFLOP/token, micro-batch {batch} × {cfg.seq_len}, "
-          f"bf16 autocast, torch.compile; peak {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
+          f"{flops_per_token / 1e6:.0f} MFLOP/token, micro-batch {batch} × {cfg.seq_len} × {accum} accumulated, "
+          f"bf16 autocast, torch.compile{f' ({mode})' if mode else ''}, clip 1.0, fused AdamW; "
+          f"peak {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=g).to(device)
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    data = torch.randint(0, cfg.vocab_size, (accum, batch, cfg.seq_len + 1), generator=g).to(device)
+    x, y = data[..., :-1].contiguous(), data[..., 1:].contiguous()
     build(cfg, "cpu")  # exits unless the two models have the same parameter count
     results = {}
     sides = [side.strip() for side in args.sides.split(",")]
@@ -358,7 +383,7 @@ def gpu_preset(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)
         model = GPT(cfg).to(device) if side == "ours" else build_peer(cfg, device)
-        step, compile_s = make_step(model, side == "ours", x, y, dtype, compiled=True)
+        step, compile_s = make_step(model, side == "ours", x, y, dtype, compiled=True, mode=mode, clip=1.0)
         for _ in range(args.warmup):
             step()
         secs = []
@@ -371,7 +396,7 @@ def gpu_preset(args: argparse.Namespace) -> None:
             secs.append((time.perf_counter() - t0) / args.steps)
         if not torch.isfinite(loss):
             raise SystemExit(f"{side}: loss is {loss.item()}")
-        tok_s = batch * cfg.seq_len / statistics.median(secs)
+        tok_s = accum * batch * cfg.seq_len / statistics.median(secs)
         mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
         results[side] = {"tok_s": round(tok_s, 1), "mfu": round(tok_s * flops_per_token / peak, 4),
                          "peak_memory_gb": None if mem is None else round(mem, 2), "compile_s": round(compile_s, 1),
@@ -392,22 +417,21 @@ def gpu_preset(args: argparse.Namespace) -> None:
     append_record(args.out, {
         "bench": "train_gpu", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
         "hardware": hw, "torch": torch.__version__, "transformers": transformers.__version__,
-        "shape": cfg.to_dict() | {"batch": batch}, "flops_per_token": flops_per_token, "peak_flops": peak,
-        "dtype": "bf16", "compile": True, "quick": args.quick,
+        "shape": cfg.to_dict() | {"batch": batch, "accum": accum}, "flops_per_token": flops_per_token,
+        "peak_flops": peak, "dtype": "bf16", "compile": mode or True, "quick": args.quick,
         "timing": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "stat": "median"},
         "results": results, "ratio": None if ratio is None else round(ratio, 3),
     })
 
 
 def top_kernels(step: Callable[[], torch.Tensor], device: str, n: int) -> str:
-    """The n kernels (or CPU ops, on a CPU) that take the most time over 3 profiled steps."""
+    """The n kernels (or CPU ops, on a CPU) that take the most time in one profiled optimizer step."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        for _ in range(3):
-            step()
+        step()
         sync(device)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=90)

@@ -96,9 +96,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=8, batch_tokens=16384, max_steps=3000, warmup_steps=100,
         eval_every=250, sample_every=1000, ckpt_every=250,
     ),
-    "gpt2-124m": dict(  # GPT-2 small (124 M): the nanoGPT reference run, on GPUs
+    # GPT-2 small (124 M): the nanoGPT reference run, on GPUs. Micro-batch 32 (18 GB at vocab 50257) ran 7%
+    # faster than 16 (10 GB) on an H100; the global batch stays 524,288 tokens either way.
+    "gpt2-124m": dict(
         depth=12, aspect=64, head_dim=64, flavour="gpt2", kv_groups=1, seq_len=1024,
-        batch_size=16, batch_tokens=524288, max_steps=19073, warmup_steps=715, lr=6e-4,
+        batch_size=32, batch_tokens=524288, max_steps=19073, warmup_steps=715, lr=6e-4,
         eval_every=250, sample_every=1000, ckpt_every=1000,
     ),
     "llama-1b": dict(  # Llama-3.2-1B shape (16 × 2048, GQA 32/8, SwiGLU 8192): multi-GPU
