@@ -29,12 +29,13 @@ its efficiency (speedup / N); the peer is one process with N threads on the same
 way to use them.
 
 `--gpu` times the gpt2-124m preset (12 × 768, seq 1024) as `nanoforge pretrain` runs it: micro-batch 32
-(the preset's; `--batch`), gradients accumulated over the preset's 524,288-token batch (`--accum`), clipped, fused AdamW,
-torch.compile and bf16 autocast. Ours and `transformers`' GPT2LMHeadModel of the same shape (sdpa attention)
-run one after the other so each side's peak memory is its own; it prints tokens/s, MFU against the GPU's
-datasheet bf16 peak (`nanoforge.train.hardware`; nanoGPT and torchtitan report 45-55 % on A100/H100 for
-this size) and peak memory. `--sides ours` times ours alone (e.g. at `--batch 16`), `--kernels 20` prints
-where one of our optimizer steps spends its GPU time, `--cudagraphs` compiles both sides with CUDA graphs.
+(the preset's; `--batch`), gradients accumulated over the preset's 524,288-token batch (`--accum`),
+clipped, fused AdamW, torch.compile and bf16 autocast. Ours and `transformers`' GPT2LMHeadModel of the
+same shape (sdpa attention) run one after the other so each side's peak memory is its own; it prints
+tokens/s, MFU against the GPU's datasheet bf16 peak (`nanoforge.train.hardware`; nanoGPT and torchtitan
+report 45-55 % on A100/H100 for this size) and peak memory. `--sides ours` times ours alone (e.g. at
+`--batch 16`), `--kernels 20` prints where one of our optimizer steps spends its GPU time, `--cudagraphs`
+compiles both sides with CUDA graphs. benchmarks/gpu_session.sh runs all of it in one call.
 """
 
 from __future__ import annotations

@@ -115,7 +115,9 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
 
     p = sub.add_parser("reward", help="train a reward model (trunk + scalar head) on preference pairs",
                        description="Bradley–Terry training of the model's trunk with a scalar head on TRL "
-                                   "preference pairs (JSONL prompt/chosen/rejected); reports held-out accuracy.")
+                                   "preference pairs (JSONL prompt/chosen/rejected); reports held-out accuracy. "
+                                   "Under torchrun the ranks share each step's pairs (--batch-size a multiple of "
+                                   "the ranks) and take the steps of one process.")
     p.add_argument("--model", type=Path, required=True, help="model artifact to start from (the SFT model)")
     p.add_argument("--prefs", type=Path, required=True, help="preference pairs (from `nanoforge label export`)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
@@ -124,7 +126,9 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
 
     p = sub.add_parser("dpo", help="Direct Preference Optimization of a model on preference pairs",
                        description="DPO against a frozen copy of --model (reference log-probabilities precomputed "
-                                   "unless --set precompute_ref=false); logs implicit reward margins and accuracies.")
+                                   "unless --set precompute_ref=false); logs implicit reward margins and accuracies. "
+                                   "Under torchrun the ranks share each step's pairs (--batch-size a multiple of "
+                                   "the ranks) and take the steps of one process.")
     p.add_argument("--model", type=Path, required=True, help="model artifact to start from (also the reference)")
     p.add_argument("--prefs", type=Path, required=True, help="preference pairs (from `nanoforge label export`)")
     p.add_argument("--beta", type=float, help="strength of the KL constraint to the reference (default 0.1)")
@@ -273,17 +277,22 @@ def cmd_label(args: argparse.Namespace) -> None:
 def cmd_reward(args: argparse.Namespace) -> None:
     from nanoforge.post.reward import RewardConfig, train_reward
 
-    f = train_reward(_post_config(args, RewardConfig, "reward", []), args.model, args.prefs, args.out,
-                     resume=args.resume)["figures"]
-    acc = f.get("val_accuracy")
+    m = train_reward(_post_config(args, RewardConfig, "reward", []), args.model, args.prefs, args.out,
+                     resume=args.resume)
+    if m is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
+    acc = m["figures"].get("val_accuracy")
     print(f"reward model written to {args.out}" + (f"; held-out accuracy {100 * acc:.1f}%" if acc is not None else ""))
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
     from nanoforge.post.dpo import DPOConfig, train_dpo
 
-    f = train_dpo(_post_config(args, DPOConfig, "dpo", ["beta"]), args.model, args.prefs, args.out,
-                  resume=args.resume)["figures"]
+    m = train_dpo(_post_config(args, DPOConfig, "dpo", ["beta"]), args.model, args.prefs, args.out,
+                  resume=args.resume)
+    if m is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
+    f = m["figures"]
     margin = f.get("val_rewards_margin", f.get("rewards_margin"))
     print(f"model written to {args.out}" + (f"; reward margin {margin:.3g}" if margin is not None else ""))
 

@@ -14,6 +14,12 @@ response tokens (prompt and padding excluded), the loss of a pair (x, y_c, y_r) 
 (`val_*`). With `precompute_ref` (the default) the reference log-probabilities of every pair are computed
 once before training and the reference model is dropped: one forward per pair instead of one per step, and
 one model in memory. The output is a normal model artifact (model.safetensors + config.json + tokenizer).
+
+Under torchrun every rank holds the policy (and the reference log-probabilities) and takes an equal share of
+each step's pairs; gradients are averaged over the ranks, so a run on N GPUs takes the steps of one process
+with the same `batch_size` (which must be a multiple of N):
+
+    torchrun --nproc-per-node 8 -m nanoforge dpo --model … --prefs … --out … --batch-size 64
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ from nanoforge.post.preference import (
     mean_of,
     pair_batch,
     response_logprobs,
-    setup_torch,
+    setup_ranks,
 )
 from nanoforge.post.reward import load_pairs
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.train.checkpoint import load_model_artifact, save_model_artifact
+from nanoforge.train.distributed import Dist, all_reduce_sum, run_then_close
 from nanoforge.train.optim import build_adamw
 
 
@@ -114,17 +121,23 @@ def evaluate_dpo(policy: GPT, pairs: Sequence[Pair], ref_logps: Tensor, cfg: DPO
 
 
 def train_dpo(cfg: DPOConfig, model_dir: Path | str, prefs: Path | str, out: Path | str, *,
-              resume: bool = False, inputs: dict[str, Path] | None = None) -> dict[str, Any]:
+              resume: bool = False, inputs: dict[str, Path] | None = None) -> dict[str, Any] | None:
     """DPO-train the model in `model_dir` on the pairs in `prefs`; write the policy to `out`.
-    `inputs`: what the manifest records as inputs (default: the model and the preference file)."""
+    `inputs`: what the manifest records as inputs (default: the model and the preference file).
+    Under torchrun every rank calls it; rank 0 writes and returns the manifest, the others return None."""
     cfg.check("dpo")
     if not cfg.beta > 0:
         raise NanoforgeError(f"dpo: beta must be > 0, got {cfg.beta}")
-    model_dir, prefs, out = Path(model_dir), Path(prefs), Path(out)
-    device = setup_torch(cfg)
+    d, device = setup_ranks(cfg)
+    return run_then_close(d, lambda: _dpo(cfg, Path(model_dir), Path(prefs), Path(out), resume, inputs, d, device))
+
+
+def _dpo(cfg: DPOConfig, model_dir: Path, prefs: Path, out: Path, resume: bool, inputs: dict[str, Path] | None,
+         d: Dist, device: torch.device) -> dict[str, Any] | None:
     tok = Tokenizer.load(model_dir)
     policy = load_model_artifact(model_dir, device)
-    train, val, dropped = load_pairs(tok, prefs, policy.cfg.seq_len, cfg.val_fraction, cfg.seed, "dpo")
+    train, val, dropped = load_pairs(tok, prefs, policy.cfg.seq_len, cfg.val_fraction, cfg.seed, "dpo",
+                                     quiet=not d.main)
 
     ref = load_model_artifact(model_dir, device)
     ref.requires_grad_(False)
@@ -133,16 +146,18 @@ def train_dpo(cfg: DPOConfig, model_dir: Path | str, prefs: Path | str, out: Pat
     if cfg.precompute_ref:
         t0 = time.perf_counter()
         ref_train = reference_logprobs(ref, train, tok.pad_id, device, cfg.eval_batch_size)
-        info(f"dpo: reference log-probabilities of {len(train) + len(val)} pairs in {time.perf_counter() - t0:.1f}s")
+        if d.main:
+            info(f"dpo: reference log-probabilities of {len(train) + len(val)} pairs in "
+                 f"{time.perf_counter() - t0:.1f}s")
         del ref
     opt = build_adamw(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), device_type=device.type)
-    run = TrainRun("dpo", cfg, out, policy, opt, resume=resume)
+    run = TrainRun("dpo", cfg, out, policy, opt, resume=resume, dist=d)
     policy.train()
     last_eval: dict[str, float] = {}
     tokens, busy = 0, 0.0
     for step in run.steps():
         t0 = time.perf_counter()
-        index = epoch_batches(len(train), cfg.batch_size, step - 1, cfg.seed)
+        index = run.shard(epoch_batches(len(train), cfg.batch_size, step - 1, cfg.seed))
         part = [train[i] for i in index]
         pc, pr, n_tokens = pair_logprobs(policy, part, tok.pad_id, device)
         if ref_train is not None:
@@ -160,6 +175,9 @@ def train_dpo(cfg: DPOConfig, model_dir: Path | str, prefs: Path | str, out: Pat
             record.update(last_eval)
         run.log(record, show=("loss", "rewards_margin", "val_rewards_accuracy"))
     rows = run.finish(f"DPO (beta {cfg.beta})")
+    tokens = int(all_reduce_sum(torch.tensor([tokens]), d))  # every rank's share of the batches
+    if not d.main:
+        return None
     last_eval = last_eval or evaluate_dpo(policy, val, ref_val, cfg, tok.pad_id, device)  # resumed when done
 
     save_model_artifact(policy, out, tokenizer_dir=model_dir, extra={"stage": "dpo", "step": run.step})
@@ -168,11 +186,11 @@ def train_dpo(cfg: DPOConfig, model_dir: Path | str, prefs: Path | str, out: Pat
                "beta": cfg.beta, "final_loss": rows[-1].get("loss") if rows else None,
                "rewards_margin": mean_of(r.get("rewards_margin") for r in tail),
                "rewards_accuracy": mean_of(r.get("rewards_accuracy") for r in tail), **last_eval,
-               "tok_per_s": tokens / busy if busy else None, "seconds": round(run.seconds, 1)}
+               "tok_per_s": tokens / busy if busy else None, "world_size": d.world_size,
+               "seconds": round(run.seconds, 1)}
     manifest = write_manifest(out, stage="dpo", config=cfg, inputs=inputs or {"model": model_dir, "prefs": prefs},
                               figures=figures)
     info(f"dpo done in {figures['seconds']:.0f}s: {run.step} steps, held-out margin "
          f"{figures.get('val_rewards_margin', float('nan')):.3g}, accuracy "
          f"{100 * figures.get('val_rewards_accuracy', float('nan')):.1f}%")
     return manifest
-

@@ -33,7 +33,7 @@ from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, _rope_cos_sin
 from nanoforge.tokenizer import Tokenizer, doc_fraction
 from nanoforge.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
-from nanoforge.train.distributed import Dist
+from nanoforge.train.distributed import Dist, all_reduce_sum, init_distributed
 from nanoforge.train.hardware import pick_device
 from nanoforge.train.metrics import MetricsLog, plot_losses
 from nanoforge.train.schedule import lr_at
@@ -237,19 +237,28 @@ class TrainRun:
     warmup + cosine learning rate, gradient clipping, checkpoints that resume exactly (weights, AdamW,
     RNG; the data order is a function of the step), `metrics.jsonl`, `loss.png` and the progress bar.
 
-        run = TrainRun("dpo", cfg, out, module, opt, resume=resume)
+        run = TrainRun("dpo", cfg, out, module, opt, resume=resume, dist=d)
         for step in run.steps():            # starts after the checkpoint's step when resuming
-            loss = …; run.update(loss)      # backward, clip, AdamW step
-            run.log({"loss": …})
+            index = run.shard(epoch_batches(…))   # this rank's part of the step's batch
+            loss = …; run.update(loss)      # backward, average over ranks, clip, AdamW step
+            run.log({"loss": …})            # averaged over ranks; rank 0 writes it
+
+    Under torchrun (`dist` of several ranks) every rank holds the whole model and takes `batch_size /
+    world_size` of each step's pairs; the gradients (of a mean over the rank's pairs) are averaged over the
+    ranks before clipping, so every rank takes the update of the whole batch, the one a single process
+    takes. Only rank 0 writes files. Without `dist` a stage runs in one process and refuses torchrun.
     """
 
     def __init__(self, stage: str, cfg: PostTrainConfig, out: Path, module: nn.Module, opt: torch.optim.Optimizer,
-                 *, resume: bool) -> None:
+                 *, resume: bool, dist: Dist | None = None) -> None:
         self.stage, self.cfg, self.out, self.module, self.opt = stage, cfg, Path(out), module, opt
         self.ckpt_root = self.out / "checkpoints"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train alone into the same `out`
+        if dist is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train alone
             raise NanoforgeError(f"{stage}: runs in one process (one GPU or CPU); it does not support torchrun")
-        self.dist = Dist()
+        self.dist = dist or Dist()
+        if cfg.batch_size % self.dist.world_size:
+            raise NanoforgeError(f"{stage}: batch_size {cfg.batch_size} does not split over {self.dist.world_size} "
+                                 f"ranks; use a multiple of {self.dist.world_size}")
         ckpt = resume_point(self.out, resume, stage)
         self.step, self.elapsed_before = 0, 0.0
         self.state: dict[str, Any] = {}  # figures to carry across a resume (saved in every checkpoint)
@@ -258,7 +267,8 @@ class TrainRun:
             self.step, self.elapsed_before = saved["step"], saved.get("elapsed", 0.0)
             self.state.update(saved.get("extra", {}))
         self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if ckpt is not None else None)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if ckpt is not None else None) \
+            if self.dist.main else None
         self.grad_norm = 0.0
         self._t0 = time.time()
         self._bar: tqdm | None = None
@@ -266,7 +276,7 @@ class TrainRun:
     def steps(self) -> Iterator[int]:
         """The remaining step numbers (1-based: the step being taken), with the learning rate set for each."""
         self._bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.stage, unit="step",
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, disable=not self.dist.main)
         while self.step < self.cfg.max_steps:
             lr = lr_at(self.step, peak=self.cfg.lr, warmup=self.cfg.warmup_steps, total=self.cfg.max_steps,
                        min_ratio=self.cfg.min_lr_ratio)
@@ -280,18 +290,33 @@ class TrainRun:
             self._bar.update(1)
         self._bar.close()
 
+    def shard(self, index: list[int]) -> list[int]:
+        """This rank's part of a step's batch: every world_size-th pair from its rank on (all of it alone)."""
+        return index[self.dist.rank :: self.dist.world_size]
+
     def update(self, loss: Tensor) -> None:
-        """Backward, clip the gradient norm, take the optimizer step."""
+        """Backward, average the gradients over the ranks, clip the gradient norm, take the optimizer step."""
         loss.backward()
         params = [p for g in self.opt.param_groups for p in g["params"]]
+        average_gradients(params, self.dist)
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def log(self, record: dict[str, Any], show: Sequence[str] = ("loss",)) -> None:
-        """Append the step's figures (plus step, lr, grad norm) to metrics.jsonl; show some on the bar."""
+    def log(self, record: dict[str, Any], show: Sequence[str] = ("loss",),
+            sums: Sequence[str] = ("tok_per_s",)) -> None:
+        """Append the step's figures (plus step, lr, grad norm) to metrics.jsonl; show some on the bar. Under
+        torchrun every rank calls it: numbers are averaged over the ranks (each rank's figure is a mean over
+        an equal share of the batch), those named in `sums` added (throughput)."""
+        if self.dist.active:
+            keys = [k for k, v in record.items() if isinstance(v, (int, float))]
+            values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+            all_reduce_sum(values, self.dist)
+            record = record | {k: v if k in sums else v / self.dist.world_size
+                               for k, v in zip(keys, values.tolist(), strict=True)}
         row = {"step": self.step + 1, "lr": self.lr, "grad_norm": self.grad_norm, **record}
-        self.metrics.log(row)
+        if self.metrics is not None:
+            self.metrics.log(row)
         if self._bar is not None:
             self._bar.set_postfix({k: f"{row[k]:.3g}" for k in show if isinstance(row.get(k), (int, float))})
 
@@ -304,18 +329,45 @@ class TrainRun:
         return self.elapsed_before + time.time() - self._t0
 
     def finish(self, title: str) -> list[dict[str, Any]]:
-        """Close the log, draw loss.png; returns the logged rows."""
+        """Close the log, draw loss.png; returns the logged rows (on rank 0; [] on the others)."""
+        if self.metrics is None:
+            return []
         self.metrics.close()
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", title=title)
         return MetricsLog.read(self.out / "metrics.jsonl")
 
 
 def setup_torch(cfg: PostTrainConfig) -> torch.device:
-    """Threads, seed and device for a stage."""
+    """Threads, seed and device for a stage that runs in one process."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     return pick_device(cfg.device)
+
+
+def setup_ranks(cfg: PostTrainConfig) -> tuple[Dist, torch.device]:
+    """Threads, seed, this rank's place and device for a stage that also runs under torchrun."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return init_distributed(cfg.device)
+
+
+def average_gradients(params: Sequence[Tensor], d: Dist) -> None:
+    """Replace each gradient by its mean over the ranks: one all-reduce of all of them, flattened (the
+    models of these stages are called through helpers that read the trunk's blocks, not through a DDP
+    wrapper's forward, so the averaging is done here, after backward)."""
+    if not d.active:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_sum(flat, d).div_(d.world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def epoch_batches(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -55,11 +55,12 @@ from nanoforge.post.preference import (
     pair_batch,
     read_preferences,
     sequence_batch,
-    setup_torch,
+    setup_ranks,
     split_pairs,
 )
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.train.checkpoint import load_model_artifact, save_model_artifact
+from nanoforge.train.distributed import Dist, all_reduce_sum, run_then_close
 
 SCORE_FILE = "score.safetensors"
 
@@ -182,34 +183,43 @@ def evaluate_reward(rm: RewardModel, pairs: Sequence[Pair], pad_id: int, device:
 
 
 def load_pairs(tok: Tokenizer, prefs: Path, seq_len: int, val_fraction: float, seed: int,
-               stage: str) -> tuple[list[Pair], list[Pair], int]:
+               stage: str, *, quiet: bool = False) -> tuple[list[Pair], list[Pair], int]:
     """Read, encode and split a preference file: (train, held-out, pairs dropped as too long)."""
     pairs, dropped = encode_pairs(tok, read_preferences(prefs), seq_len)
     if not pairs:
         raise NanoforgeError(f"{prefs}: no pair fits the model's context of {seq_len} tokens")
     train, val = split_pairs(pairs, val_fraction, seed)
-    info(f"{stage}: {len(train)} training pairs, {len(val)} held out"
-         + (f", {dropped} dropped (longer than {seq_len} tokens)" if dropped else ""))
+    if not quiet:
+        info(f"{stage}: {len(train)} training pairs, {len(val)} held out"
+             + (f", {dropped} dropped (longer than {seq_len} tokens)" if dropped else ""))
     return train, val, dropped
 
 
 def train_reward(cfg: RewardConfig, model_dir: Path | str, prefs: Path | str, out: Path | str, *,
-                 resume: bool = False, inputs: dict[str, Path] | None = None) -> dict[str, Any]:
+                 resume: bool = False, inputs: dict[str, Path] | None = None) -> dict[str, Any] | None:
     """Train a reward model from the model in `model_dir` on the pairs in `prefs`; write it to `out`.
-    `inputs`: what the manifest records as inputs (default: the model and the preference file)."""
+    `inputs`: what the manifest records as inputs (default: the model and the preference file).
+    Under torchrun every rank calls it (each takes an equal share of every step's pairs, gradients are
+    averaged: the steps of one process); rank 0 writes and returns the manifest, the others return None."""
     cfg.check("reward")
-    model_dir, prefs, out = Path(model_dir), Path(prefs), Path(out)
-    device = setup_torch(cfg)
+    d, device = setup_ranks(cfg)
+    return run_then_close(d, lambda: _reward(cfg, Path(model_dir), Path(prefs), Path(out), resume, inputs, d,
+                                             device))
+
+
+def _reward(cfg: RewardConfig, model_dir: Path, prefs: Path, out: Path, resume: bool,
+            inputs: dict[str, Path] | None, d: Dist, device: torch.device) -> dict[str, Any] | None:
     tok = Tokenizer.load(model_dir)
     trunk = load_model_artifact(model_dir, device)
-    train, val, dropped = load_pairs(tok, prefs, trunk.cfg.seq_len, cfg.val_fraction, cfg.seed, "reward")
+    train, val, dropped = load_pairs(tok, prefs, trunk.cfg.seq_len, cfg.val_fraction, cfg.seed, "reward",
+                                     quiet=not d.main)
 
     rm = RewardModel(trunk).to(device)
     if not trunk.cfg.tie_embeddings:
         trunk.lm_head.weight.requires_grad_(False)  # not on the reward's path
     decay, no_decay = trunk.param_groups_for_weight_decay()
     opt = adamw([*decay, rm.score.weight], no_decay, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
-    run = TrainRun("reward", cfg, out, rm, opt, resume=resume)
+    run = TrainRun("reward", cfg, out, rm, opt, resume=resume, dist=d)
     if run.step == 0:  # kept in the checkpoints, so a resumed run still reports it
         run.state["val_accuracy_before"] = evaluate_reward(rm, val, tok.pad_id, device,
                                                            cfg.eval_batch_size).get("val_accuracy")
@@ -219,7 +229,7 @@ def train_reward(cfg: RewardConfig, model_dir: Path | str, prefs: Path | str, ou
     busy = 0.0
     for step in run.steps():
         t0 = time.perf_counter()
-        part = [train[i] for i in epoch_batches(len(train), cfg.batch_size, step - 1, cfg.seed)]
+        part = [train[i] for i in run.shard(epoch_batches(len(train), cfg.batch_size, step - 1, cfg.seed))]
         batch = pair_batch(part, tok.pad_id).to(device)
         rc, rr = pairs_rewards(rm, batch)
         margin = torch.tensor([p.margin for p in part], device=device) * cfg.margin_scale
@@ -236,6 +246,9 @@ def train_reward(cfg: RewardConfig, model_dir: Path | str, prefs: Path | str, ou
             record.update(last_eval)
         run.log(record, show=("loss", "accuracy", "val_accuracy"))
     rows = run.finish("reward model (Bradley–Terry)")
+    tokens = int(all_reduce_sum(torch.tensor([tokens]), d))  # every rank's share of the batches
+    if not d.main:
+        return None
     last_eval = last_eval or evaluate_reward(rm, val, tok.pad_id, device, cfg.eval_batch_size)  # resumed when done
 
     scores = torch.tensor(rm.rewards_of_ids([(p.prompt, r) for p in train for r in (p.chosen, p.rejected)],
@@ -246,7 +259,7 @@ def train_reward(cfg: RewardConfig, model_dir: Path | str, prefs: Path | str, ou
     figures = {"train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped, "steps": run.step,
                "final_loss": losses[-1] if losses else None, **last_eval,
                "val_accuracy_before": run.state.get("val_accuracy_before"),
-               "reward_mean": rm.mean, "reward_std": rm.std,
+               "reward_mean": rm.mean, "reward_std": rm.std, "world_size": d.world_size,
                "tok_per_s": tokens / busy if busy else None, "seconds": round(run.seconds, 1)}
     manifest = write_manifest(out, stage="reward", config=cfg, inputs=inputs or {"model": model_dir, "prefs": prefs},
                               figures=figures)
