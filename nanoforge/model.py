@@ -31,6 +31,8 @@ different lengths). The model is pure math: no devices beyond `.to`, no parallel
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -533,14 +535,29 @@ def _chunk_fused(
     return losses, grad.to(logits.dtype)
 
 
-_compiled_chunks: dict[str, object] = {}
+_compiled_chunks: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {}
 
 
-def _fused_chunk_for(device: str) -> object:
+def _fused_chunk_for(device: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
     """`_chunk_fused` itself while a compiler traces the model (it fuses it there); on an eager GPU a
-    compiled copy of it (compiled on the first call: a few seconds, once per process and shape)."""
+    compiled copy of it (compiled on the first call: a few seconds, once per process and shape). Where the
+    compiler fails (no working Triton, say), the loss warns once and runs `_chunk_fused` eagerly."""
     if torch.compiler.is_compiling() or device != "cuda":
         return _chunk_fused
     if device not in _compiled_chunks:
-        _compiled_chunks[device] = torch.compile(_chunk_fused)
+        compiled = torch.compile(_chunk_fused)
+
+        def first_call(*args: object) -> tuple[Tensor, Tensor | None]:
+            try:
+                result = compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real errors
+                warnings.warn(f"nanoforge: the loss chunk could not be compiled ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it runs eagerly, slower",
+                              RuntimeWarning, stacklevel=2)
+                _compiled_chunks[device] = _chunk_fused
+                return _chunk_fused(*args)
+            _compiled_chunks[device] = compiled
+            return result
+
+        _compiled_chunks[device] = first_call
     return _compiled_chunks[device]

@@ -261,6 +261,25 @@ def test_linear_cross_entropy_on_each_device(monkeypatch: pytest.MonkeyPatch, de
         torch.testing.assert_close(got / scale, want / scale, atol=2e-2, rtol=2e-2)
 
 
+def test_a_loss_chunk_that_does_not_compile_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an eager GPU the fused chunk is compiled; if the compiler fails (no working Triton, say), the loss
+    warns once and computes the same values eagerly from then on."""
+    def broken_compile(fn: object) -> object:
+        def fails(*args: object) -> None:
+            raise RuntimeError("no working Triton here\nmore detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(model_module, "_compiled_chunks", {})
+    logits, targets = torch.randn(5, 128), torch.tensor([1, 2, 3, 4, 96])
+    args = (logits, targets, torch.full((5,), 0.2), V, True)
+    with pytest.warns(RuntimeWarning, match="could not be compiled .RuntimeError: no working Triton here.; it runs"):
+        losses, grad = model_module._fused_chunk_for("cuda")(*args)
+    want_losses, want_grad = model_module._chunk_fused(*args)
+    assert torch.equal(losses, want_losses) and torch.equal(grad, want_grad)
+    assert model_module._fused_chunk_for("cuda") is model_module._chunk_fused  # no second try, no second warning
+
+
 def test_chunked_loss_without_weight_gradient() -> None:
     """A frozen lm_head (e.g. LoRA) gets no gradient; the rest still does."""
     m = model_of(tiny("llama"))
