@@ -138,7 +138,9 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
 
     p = sub.add_parser("ppo", help="PPO against a reward model (value head, KL penalty, GAE, clipping)",
                        description="Sample responses to --prompts, score them with --reward-model, penalise the KL to "
-                                   "the starting model per token, and update policy and value head with PPO.")
+                                   "the starting model per token, and update policy and value head with PPO. Under "
+                                   "torchrun the ranks share each step's prompts (--batch-size a multiple of the "
+                                   "ranks) and take the same averaged updates.")
     p.add_argument("--model", type=Path, required=True, help="model artifact to start from (also the reference)")
     p.add_argument("--reward-model", type=Path, required=True, help="reward model (from `nanoforge reward`)")
     p.add_argument("--prompts", type=Path, required=True, help="prompts, in the formats of `nanoforge label`")
@@ -300,8 +302,11 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 def cmd_ppo(args: argparse.Namespace) -> None:
     from nanoforge.post.ppo import PPOConfig, train_ppo
 
-    f = train_ppo(_post_config(args, PPOConfig, "ppo", ["kl_coef"]), args.model, args.reward_model, args.prompts,
-                  args.out, resume=args.resume)["figures"]
+    m = train_ppo(_post_config(args, PPOConfig, "ppo", ["kl_coef"]), args.model, args.reward_model, args.prompts,
+                  args.out, resume=args.resume)
+    if m is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
+    f = m["figures"]
     print(f"model written to {args.out}; reward {f['score_first']:.3g} → {f['score_last']:.3g} during training")
 
 

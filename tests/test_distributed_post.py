@@ -1,6 +1,8 @@
-"""`nanoforge reward` and `nanoforge dpo` under torchrun on CPU (gloo, 2 processes): the ranks share each
-step's pairs and average their gradients, so the run follows the one-process run with the same batch step
-for step; a batch that does not split over the ranks is a clear error.
+"""`nanoforge reward`, `dpo` and `ppo` under torchrun on CPU (gloo, 2 processes). Reward and DPO: the ranks
+share each step's pairs and average their gradients, so the run follows the one-process run with the same
+batch step for step, and a two-rank checkpoint resumes in one process. PPO samples each rank's share of the
+prompts with its own seed (so it cannot follow one process's samples) and ends with the same weights on
+every rank. A batch that does not split over the ranks is a clear error.
 
 The toy preference setting is tests/rlhf_toy.py's; each launch costs ~10 s on two cores.
 """
@@ -8,6 +10,7 @@ The toy preference setting is tests/rlhf_toy.py's; each launch costs ~10 s on tw
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -98,3 +101,21 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(setting: Toy, tmp
     assert run.returncode != 0
     assert "batch_size 7 does not split over 2 ranks" in run.stderr
     assert not (tmp_path / "odd" / "manifest.json").exists()
+
+
+def test_ppo_on_two_ranks_keeps_the_replicas_equal(setting: Toy, tmp_path: Path) -> None:
+    rm, out = tmp_path / "rm", tmp_path / "ppo"
+    assert main([*_flags("reward", setting, rm), "--max-steps", "2"]) == 0  # any reward model will do
+    flags = ["ppo", "--model", str(setting.sft), "--reward-model", str(rm), "--prompts", str(setting.prompts),
+             "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--device", "cpu", "--threads", "1",
+             "--set", "max_new_tokens=12", "--set", "minibatches=2", "--set", "eval_every=3",
+             "--set", "max_val_prompts=4"]
+    run = _torchrun(flags)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "diverged" not in run.stderr  # TrainRun.finish compares every rank's weights
+    assert run.stdout.count("written to") == 1
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["score"]) for r in rows)
+    figures = json.loads((out / "manifest.json").read_text())["figures"]
+    assert figures["world_size"] == 2 and figures["val_score"] is not None

@@ -3,6 +3,11 @@
     nanoforge ppo --model runs/demo/09-sft --reward-model runs/demo/11-reward --prompts prompts.jsonl \\
         --out runs/demo/13-ppo
 
+Under torchrun every rank holds the policy, its value head, the reference and the reward model, and takes an
+equal share of each step's prompts (`batch_size` a multiple of the ranks): it samples and scores its own
+responses, advantages are whitened over every rank's tokens, and each minibatch's gradients are averaged
+over the ranks, so all ranks take the same updates.
+
 Each step (one PPO iteration, as in TRL's PPOTrainer):
 
 1. Rollout: `batch_size` prompts (the prompt-file formats of `nanoforge label`), one response each from the
@@ -50,11 +55,12 @@ from nanoforge.post.preference import (
     hidden_states,
     mean_of,
     sequence_batch,
-    setup_torch,
+    setup_ranks,
 )
 from nanoforge.post.reward import RewardModel
 from nanoforge.tokenizer import Tokenizer, doc_fraction
 from nanoforge.train.checkpoint import load_model_artifact, save_model_artifact
+from nanoforge.train.distributed import Dist, all_reduce_sum, run_then_close
 
 RewardFn = Callable[[Sequence[list[Message]], Sequence[str]], Sequence[float]]
 
@@ -67,10 +73,13 @@ def maskedmean_of(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / std over the masked entries (0 elsewhere)."""
-    mean = maskedmean_of(x, mask)
-    var = maskedmean_of((x - mean) ** 2, mask)
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, d: Dist | None = None) -> Tensor:
+    """(x − mean) / std over the masked entries (0 elsewhere); with `d` of several ranks, mean and std are
+    those of the entries of every rank."""
+    d = d or Dist()
+    count = all_reduce_sum(mask.sum(), d).clamp_min(1)
+    mean = all_reduce_sum((x * mask).sum(), d) / count
+    var = all_reduce_sum((((x - mean) ** 2) * mask).sum(), d) / count
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -190,8 +199,9 @@ class PPOTrainer:
     """Rollouts and updates for one run (see the module docstring for the algorithm)."""
 
     def __init__(self, cfg: PPOConfig, model: PolicyWithValue, ref: GPT, tok: Tokenizer, score: Callable[..., Tensor],
-                 device: torch.device) -> None:
+                 device: torch.device, d: Dist | None = None) -> None:
         self.cfg, self.model, self.ref, self.tok, self.score, self.device = cfg, model, ref, tok, score, device
+        self.d = d or Dist()
         self.end = tok.special_id("assistant_end")
 
     def sample(self, records: Sequence[PromptRecord], seed: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -224,7 +234,7 @@ class PPOTrainer:
         cfg = self.cfg
         rewards, kl = kl_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, cfg.kl_coef)
         advantages, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, ro.mask)
+        advantages = masked_whiten(advantages, ro.mask, d=self.d)
         sums: dict[str, float] = {}
         n = 0
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + run.step)
@@ -284,17 +294,28 @@ def reward_scorer(reward: Path | RewardFn, tok: Tokenizer, device: torch.device)
 
 
 def train_ppo(cfg: PPOConfig, model_dir: Path | str, reward: Path | str | RewardFn, prompts: Path | str,
-              out: Path | str, *, resume: bool = False, inputs: dict[str, Path] | None = None) -> dict[str, Any]:
+              out: Path | str, *, resume: bool = False, inputs: dict[str, Path] | None = None) -> dict[str, Any] | None:
     """PPO-train the model in `model_dir` against `reward` (a reward-model directory, or a function of
     (prompt messages, response texts)) on the prompts of `prompts`; write the policy to `out`. `inputs`: what
-    the manifest records as inputs (default: the model, the prompt file and the reward model)."""
+    the manifest records as inputs (default: the model, the prompt file and the reward model). Under torchrun
+    every rank calls it; rank 0 writes and returns the manifest, the others return None."""
     cfg.check("ppo")
     if cfg.minibatches < 1 or cfg.ppo_epochs < 1 or cfg.minibatches > cfg.batch_size:
         raise NanoforgeError("ppo: need ppo_epochs >= 1 and 1 <= minibatches <= batch_size")
     if cfg.temperature <= 0 or cfg.max_new_tokens < 1:
         raise NanoforgeError("ppo: need temperature > 0 and max_new_tokens >= 1")
-    model_dir, prompts, out = Path(model_dir), Path(prompts), Path(out)
-    device = setup_torch(cfg)
+    d, device = setup_ranks(cfg)
+    if cfg.minibatches > cfg.batch_size // d.world_size:
+        d.close()
+        raise NanoforgeError(f"ppo: {cfg.minibatches} minibatches need at least as many prompts per rank; "
+                             f"batch_size {cfg.batch_size} over {d.world_size} ranks gives "
+                             f"{cfg.batch_size // d.world_size}")
+    return run_then_close(d, lambda: _ppo(cfg, Path(model_dir), reward, Path(prompts), Path(out), resume, inputs,
+                                          d, device))
+
+
+def _ppo(cfg: PPOConfig, model_dir: Path, reward: Path | str | RewardFn, prompts: Path, out: Path, resume: bool,
+         inputs: dict[str, Path] | None, d: Dist, device: torch.device) -> dict[str, Any] | None:
     tok = Tokenizer.load(model_dir)
     records = read_prompts(prompts)[: cfg.max_prompts]
     train = [r for r in records if doc_fraction(repr(r.messages), cfg.seed) >= cfg.val_fraction]
@@ -308,19 +329,20 @@ def train_ppo(cfg: PPOConfig, model_dir: Path | str, reward: Path | str | Reward
     decay, no_decay = model.policy.param_groups_for_weight_decay()
     opt = adamw([*decay, model.value_head.weight], [*no_decay, model.value_head.bias], lr=cfg.lr,
                 weight_decay=cfg.weight_decay, device=device)
-    trainer = PPOTrainer(cfg, model, ref, tok, score, device)
-    run = TrainRun("ppo", cfg, out, model, opt, resume=resume)
-    if run.step == 0:
+    trainer = PPOTrainer(cfg, model, ref, tok, score, device, d)
+    run = TrainRun("ppo", cfg, out, model, opt, resume=resume, dist=d)
+    if run.step == 0:  # every rank scores the same held-out replies (the same weights, a fixed seed)
         run.state["val_score_before"] = trainer.evaluate(val)
     model.train()
     last_val = None
     tokens, busy = 0, 0.0
-    info(f"ppo: {len(train)} training prompts, {len(val)} held out")
+    if d.main:
+        info(f"ppo: {len(train)} training prompts, {len(val)} held out")
     for step in run.steps():
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         chosen = [train[i] for i in torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()]
-        ro = trainer.rollout(chosen, seed=cfg.seed * 1_000_003 + step)
+        ro = trainer.rollout(run.shard(chosen), seed=cfg.seed * 1_000_003 + step + 7_919 * d.rank)
         record: dict[str, Any] = trainer.update(ro, run)
         dt = time.perf_counter() - t0
         n_tokens = int(ro.mask.sum())
@@ -331,13 +353,17 @@ def train_ppo(cfg: PPOConfig, model_dir: Path | str, reward: Path | str | Reward
             record["val_score"] = last_val
         run.log(record, show=("score", "kl", "val_score"))
     rows = run.finish("PPO")
+    tokens = int(all_reduce_sum(torch.tensor([tokens]), d))  # every rank's share of the rollouts
+    if not d.main:
+        return None
     save_model_artifact(model.policy, out, tokenizer_dir=model_dir, extra={"stage": "ppo", "step": run.step})
     first, tail = rows[: max(1, len(rows) // 5)], rows[-max(1, len(rows) // 5) :]
     figures = {"train_prompts": len(train), "val_prompts": len(val), "steps": run.step,
                "score_first": mean_of(r.get("score") for r in first),
                "score_last": mean_of(r.get("score") for r in tail),
                "kl_last": mean_of(r.get("kl") for r in tail), "val_score_before": run.state.get("val_score_before"),
-               "val_score": last_val, "tok_per_s": tokens / busy if busy else None, "seconds": round(run.seconds, 1)}
+               "val_score": last_val, "tok_per_s": tokens / busy if busy else None, "world_size": d.world_size,
+               "seconds": round(run.seconds, 1)}
     if inputs is None:
         inputs = {"model": model_dir, "prompts": prompts}
         if not callable(reward):
@@ -346,4 +372,3 @@ def train_ppo(cfg: PPOConfig, model_dir: Path | str, reward: Path | str | Reward
     info(f"ppo done in {figures['seconds']:.0f}s: score {figures['score_first']:.3g} → {figures['score_last']:.3g}"
          f" (held-out {figures['val_score_before']} → {figures['val_score']})")
     return manifest
-

@@ -17,28 +17,28 @@ the turn the model would write.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, _rope_cos_sin
 from nanoforge.tokenizer import Tokenizer, doc_fraction
 from nanoforge.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
-from nanoforge.train.distributed import Dist, all_reduce_sum, init_distributed
-from nanoforge.train.hardware import pick_device
+from nanoforge.train.distributed import Dist, all_reduce_max, all_reduce_sum, init_distributed
 from nanoforge.train.metrics import MetricsLog, plot_losses
 from nanoforge.train.schedule import lr_at
 
 Message = dict[str, str]
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,16 +246,14 @@ class TrainRun:
     Under torchrun (`dist` of several ranks) every rank holds the whole model and takes `batch_size /
     world_size` of each step's pairs; the gradients (of a mean over the rank's pairs) are averaged over the
     ranks before clipping, so every rank takes the update of the whole batch, the one a single process
-    takes. Only rank 0 writes files. Without `dist` a stage runs in one process and refuses torchrun.
+    takes. Only rank 0 writes files.
     """
 
     def __init__(self, stage: str, cfg: PostTrainConfig, out: Path, module: nn.Module, opt: torch.optim.Optimizer,
-                 *, resume: bool, dist: Dist | None = None) -> None:
+                 *, resume: bool, dist: Dist) -> None:
         self.stage, self.cfg, self.out, self.module, self.opt = stage, cfg, Path(out), module, opt
         self.ckpt_root = self.out / "checkpoints"
-        if dist is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train alone
-            raise NanoforgeError(f"{stage}: runs in one process (one GPU or CPU); it does not support torchrun")
-        self.dist = dist or Dist()
+        self.dist = dist
         if cfg.batch_size % self.dist.world_size:
             raise NanoforgeError(f"{stage}: batch_size {cfg.batch_size} does not split over {self.dist.world_size} "
                                  f"ranks; use a multiple of {self.dist.world_size}")
@@ -290,9 +288,9 @@ class TrainRun:
             self._bar.update(1)
         self._bar.close()
 
-    def shard(self, index: list[int]) -> list[int]:
-        """This rank's part of a step's batch: every world_size-th pair from its rank on (all of it alone)."""
-        return index[self.dist.rank :: self.dist.world_size]
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's part of a step's batch: every world_size-th item from its rank on (all of it alone)."""
+        return list(items[self.dist.rank :: self.dist.world_size])
 
     def update(self, loss: Tensor) -> None:
         """Backward, average the gradients over the ranks, clip the gradient norm, take the optimizer step."""
@@ -329,7 +327,11 @@ class TrainRun:
         return self.elapsed_before + time.time() - self._t0
 
     def finish(self, title: str) -> list[dict[str, Any]]:
-        """Close the log, draw loss.png; returns the logged rows (on rank 0; [] on the others)."""
+        """Close the log, draw loss.png; returns the logged rows (on rank 0; [] on the others). Under
+        torchrun it first checks that every rank ends with the same weights (they take the same updates)."""
+        if self.dist.active and not replicas_agree(self.module, self.dist) and self.dist.main:
+            info(f"{self.stage}: warning: the ranks ended with different weights (replicas diverged); rank 0's "
+                 f"are written. Please report this with the command that ran.")
         if self.metrics is None:
             return []
         self.metrics.close()
@@ -337,20 +339,21 @@ class TrainRun:
         return MetricsLog.read(self.out / "metrics.jsonl")
 
 
-def setup_torch(cfg: PostTrainConfig) -> torch.device:
-    """Threads, seed and device for a stage that runs in one process."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    return pick_device(cfg.device)
-
-
 def setup_ranks(cfg: PostTrainConfig) -> tuple[Dist, torch.device]:
-    """Threads, seed, this rank's place and device for a stage that also runs under torchrun."""
+    """Threads, seed, this rank's place (one of one outside torchrun) and device for a stage."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     return init_distributed(cfg.device)
+
+
+def replicas_agree(module: nn.Module, d: Dist) -> bool:
+    """Whether every rank holds the same weights: each parameter's float64 sum and sum of squares, compared
+    across ranks by one max-reduce of the values and their negatives (max = −max(−x) only when all agree)."""
+    local = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                         for p in module.parameters()]).flatten().cpu()
+    both = all_reduce_max(torch.cat([local, -local]), d)
+    return bool(torch.equal(both[: len(local)], -both[len(local) :]))
 
 
 def average_gradients(params: Sequence[Tensor], d: Dist) -> None:

@@ -108,8 +108,23 @@ def barrier(d: Dist) -> None:
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum `t` over the ranks, in place (a no-op for one process); returns it."""
-    if d.active:
-        dist.all_reduce(t)
+    return _all_reduce(t, d, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The elementwise maximum of `t` over the ranks, in place; returns it."""
+    return _all_reduce(t, d, dist.ReduceOp.MAX)
+
+
+def _all_reduce(t: torch.Tensor, d: Dist, op: dist.ReduceOp) -> torch.Tensor:
+    if not d.active:
+        return t
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        t.copy_(on_gpu)
+    else:
+        dist.all_reduce(t, op=op)
     return t
 
 
