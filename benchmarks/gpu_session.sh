@@ -11,6 +11,8 @@
 # 4. with TOKENS_DIR: `nanoforge pretrain --preset gpt2-124m` for 12 steps, one process (PARALLEL=fsdp or
 #    ddp: under torchrun on one GPU instead).
 # Figures land in $OUT (JSON lines, the pretrain metrics); the last lines printed are the summary.
+# On an H100 (2026-11) steps 1-4 took about 6 minutes, each compile ~30 s; the CUDA-graph run comes last
+# because it compiles longest (it did not finish inside a 450 s call then). Give the call 600 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench-results/gpu}

@@ -43,3 +43,16 @@ def test_corpus_documents_are_pydoc_pages(tmp_path):
     assert list(texts) == ["json"] and texts["json"].startswith("Python Library Documentation: package json")
     assert "FUNCTIONS" in texts["json"] and "dumps(" in texts["json"]
     assert m["figures"]["modules_skipped"] == ["no_such_module_xyz"] and m["figures"]["documents"] == 1
+
+
+def test_a_page_does_not_depend_on_which_modules_its_process_rendered_before():
+    """pydoc lists pyexpat's ExpatError only while xml.parsers.expat (which plistlib imports) is not loaded,
+    and the warnings registry counts filter changes made anywhere in the process. Every rendering process
+    imports all the run's modules first and the registry is dropped, so rendering order changes nothing."""
+    from nanoforge.data.pydoc_corpus import render_modules
+
+    first = render_modules(["plistlib", "pyexpat", "asynchat"], workers=1, fmt="html")
+    second = render_modules(["pyexpat", "asynchat", "plistlib"], workers=1, fmt="html")
+    assert first == second
+    assert first["pyexpat"] and first["plistlib"]  # asynchat (it warns on import) is gone from Python 3.12 on
+    assert all("__warningregistry__" not in page for page in first.values() if page)

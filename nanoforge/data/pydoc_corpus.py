@@ -78,14 +78,21 @@ def _machine_paths() -> list[tuple[str, str]]:
                   key=lambda pr: -len(pr[0]))
 
 
-def _sanitize_process() -> None:
-    """Run in each rendering process before any module is rendered (see _CLEAN_ENV)."""
+def _sanitize_process(names: list[str] | None = None) -> None:
+    """Run in each rendering process before any module is rendered (see _CLEAN_ENV). Then every module
+    of the run (`names`) is imported, in order: what pydoc writes about a module depends on what else is
+    imported (a class defined elsewhere is listed only while its home module is not loaded), so every
+    process renders from the same set of loaded modules, whichever modules it is handed."""
     global _ORIGINAL_HOME
     _ORIGINAL_HOME = os.path.expanduser("~")  # already baked into e.g. site.USER_BASE
     os.environ.clear()
     os.environ.update(_CLEAN_ENV)
     sys.argv = ["python"]
     sys.orig_argv = ["python"]
+    sink = io.StringIO()
+    for name in names or []:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), contextlib.suppress(BaseException):
+            importlib.import_module(name)
 
 
 def render_module(name: str, fmt: str = "text") -> str | None:
@@ -101,6 +108,10 @@ def render_module(name: str, fmt: str = "text") -> str | None:
             import pydoc
 
             module = importlib.import_module(name)
+            # set by the warnings machinery when the module warned; its "version" counts filter changes
+            # made anywhere in the process, so it says nothing about the module and differs run to run
+            with contextlib.suppress(TypeError, AttributeError):  # a non-module object in sys.modules
+                vars(module).pop("__warningregistry__", None)
             if fmt == "html":
                 text = pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name))
             else:
@@ -123,7 +134,8 @@ def render_modules(names: list[str], workers: int, fmt: str = "text") -> dict[st
     chunks = [c for c in (names[i::n_chunks] for i in range(n_chunks)) if c]
     rendered: dict[str, str | None] = {}
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_sanitize_process) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_sanitize_process,
+                             initargs=(names,)) as pool:
         bar = tqdm(total=len(names), desc="pydoc", unit="mod", leave=False)
         for part in pool.map(_render_many, chunks, [fmt] * len(chunks)):
             rendered.update(part)
