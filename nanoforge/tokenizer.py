@@ -98,6 +98,13 @@ def doc_fraction(doc_id: str, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+def text_key(text: str) -> str:
+    """The key that puts a corpus document on a side of a split (`doc_fraction(text_key(text), seed)`): its
+    text's hash. A document id names one fetch (URL and date), so a page crawled again, or the demo's site
+    served on another port, would move sides; the text stays, and equal texts never straddle the split."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def _byte_to_char() -> dict[int, str]:
     """The byte-level alphabet: each byte as one printable character (the GPT-2 convention HF uses).
 
@@ -162,7 +169,7 @@ def _new_hf_tokenizer(cfg: TokenizerConfig) -> tuple[HFTokenizer, Any]:
 
 
 def _split_corpus(cfg: TokenizerConfig, docs: Path) -> tuple[list[str], list[str]]:
-    """Training and held-out texts, held-out documents picked by `doc_fraction(id, seed)`.
+    """Training and held-out texts, held-out documents picked by `doc_fraction(text_key(text), seed)`.
 
     With two or more documents at least one is held out (the one with the lowest fraction), so
     bytes/token is always measured on text the tokenizer did not see.
@@ -175,7 +182,7 @@ def _split_corpus(cfg: TokenizerConfig, docs: Path) -> tuple[list[str], list[str
         if not doc.text.strip():
             continue
         size = len(doc.text.encode("utf-8"))
-        frac = doc_fraction(doc.id, cfg.seed)
+        frac = doc_fraction(text_key(doc.text), cfg.seed)
         if frac < cfg.heldout_fraction:
             if heldout_bytes < cfg.max_heldout_bytes:
                 heldout.append(doc.text)

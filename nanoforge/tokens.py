@@ -10,11 +10,12 @@ tokens; a shard holds whole documents and is closed when the next one would pass
 longer document gets a shard of its own). Beside each shard, `train-00000.idx.npy` holds the int64
 start offsets of its documents. `manifest.json` records the dtype, vocabulary and counts.
 
-Split: a document goes to val when `doc_fraction(id, seed) < val_fraction`, so the split depends on the
-id, not on the order or the other documents. With `val_fraction > 0` and two or more documents each
-split gets at least one: while one split is still empty, the other holds back its document nearest the
-boundary; that one is written a little out of corpus order, or crosses over at the end if the empty
-split stayed empty. Otherwise documents are written in corpus order.
+Split: a document goes to val when `doc_fraction(text_key(text), seed) < val_fraction`, so the split
+depends on the document's text, not on its id (one fetch), the order or the other documents. With
+`val_fraction > 0` and two or more documents each split gets at least one: while one split is still
+empty, the other holds back its document nearest the boundary; that one is written a little out of
+corpus order, or crosses over at the end if the empty split stayed empty. Otherwise documents are
+written in corpus order.
 
 Encoding runs in a process pool over chunks of documents, consumed in submission order, so the shards
 are byte-identical for any number of workers. It uses tiktoken when the tokenizer's own check and a
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from nanoforge.artifacts import atomic_dir, read_manifest, write_manifest
 from nanoforge.data.documents import Document, iter_documents, list_document_files
 from nanoforge.errors import NanoforgeError
-from nanoforge.tokenizer import Tokenizer, doc_fraction
+from nanoforge.tokenizer import Tokenizer, doc_fraction, text_key
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +95,7 @@ def read_token_manifest(path: Path | str) -> TokenShardInfo:
 
 @dataclass
 class _Chunk:
-    ids: list[str]
+    keys: list[str]  # text_key of each document: its side of the split
     texts: list[str]
     nbytes: list[int]
     read: int  # documents read from the corpus for this chunk, empty ones included (for the progress bar)
@@ -108,7 +109,7 @@ def _chunks(docs: Iterable[Document], chunk_bytes: int) -> Iterator[_Chunk]:
         if not doc.text.strip():
             continue
         n = len(doc.text.encode("utf-8"))
-        chunk.ids.append(doc.id)
+        chunk.keys.append(text_key(doc.text))
         chunk.texts.append(doc.text)
         chunk.nbytes.append(n)
         size += n
@@ -345,8 +346,8 @@ def tokenize(cfg: TokenizeConfig, docs: Path, tokenizer_dir: Path, out: Path) ->
             splits = _SplitWriter(tmp, dtype, cfg)
             for chunk, flat, lengths in encoders.map(itertools.chain(head, chunks)):
                 pos = 0
-                for doc_id, n, nbytes in zip(chunk.ids, lengths, chunk.nbytes, strict=True):
-                    splits.add(doc_fraction(doc_id, cfg.seed), flat[pos : pos + n], nbytes)
+                for key, n, nbytes in zip(chunk.keys, lengths, chunk.nbytes, strict=True):
+                    splits.add(doc_fraction(key, cfg.seed), flat[pos : pos + n], nbytes)
                     pos += n
                 bar.update(chunk.read)
                 mb = sum(w.bytes for w in splits.writers.values()) / 1e6

@@ -15,7 +15,7 @@ import tiktoken
 
 from nanoforge.artifacts import atomic_dir, write_manifest
 from nanoforge.errors import NanoforgeError
-from nanoforge.tokenizer import Tokenizer, TokenizerConfig, doc_fraction, train_tokenizer
+from nanoforge.tokenizer import Tokenizer, TokenizerConfig, doc_fraction, text_key, train_tokenizer
 from nanoforge.tokens import TokenizeConfig, TokenLoader, read_token_manifest, shard_dtype, tokenize
 
 
@@ -66,7 +66,7 @@ def test_shards_decode_back_to_the_documents_and_split_by_id(setup, tmp_path):
     by_text = {t: i for i, t in docs.items()}
     assert sorted(decoded) == sorted(docs.values())  # every document exactly once, nothing else
     val_ids = {by_text[t] for t, s in decoded.items() if s == "val"}
-    assert val_ids == {i for i in docs if doc_fraction(i, 0) < 0.1} and val_ids
+    assert val_ids == {i for i, t in docs.items() if doc_fraction(text_key(t), 0) < 0.1} and val_ids
     f = manifest["figures"]
     assert f["encoder"] == "tiktoken" and f["workers"] == 2 and f["dtype"] == "uint16"
     assert (f["val_documents"], f["train_documents"]) == (len(val_ids), len(docs) - len(val_ids))
