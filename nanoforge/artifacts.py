@@ -29,6 +29,9 @@ from nanoforge import __version__
 from nanoforge.errors import NanoforgeError
 
 MANIFEST = "manifest.json"
+# safetensors writes the header's metadata from a hash map whose order changes from process to process, so
+# two keys made equal weights into different files; the one key transformers reads keeps them byte-identical
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 def _umask() -> int:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor
 
-from nanoforge.artifacts import atomic_dir, atomic_write_json, write_manifest
+from nanoforge.artifacts import SAFETENSORS_METADATA, atomic_dir, atomic_write_json, write_manifest
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, ModelConfig
 from nanoforge.tokenizer import SPECIAL_TOKENS
@@ -461,7 +461,7 @@ def import_hf(src: Path | str, out: Path | str) -> dict[str, Any]:
     nanoforge_tokenizer = (src / "tokenizer.json").exists() and _token_ids(src)[1]
     source = {"format": "hf", "model_type": hf.get("model_type"), "architectures": hf.get("architectures")}
     with atomic_dir(out) as tmp:
-        (tmp / "model.safetensors").write_bytes(save(state, metadata={"format": "pt", "producer": "nanoforge"}))
+        (tmp / "model.safetensors").write_bytes(save(state, metadata=SAFETENSORS_METADATA))
         atomic_write_json(tmp / "config.json", {"model": cfg.to_dict(), "source": source})
         for name in copied:
             shutil.copyfile(src / name, tmp / name)

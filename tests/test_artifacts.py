@@ -31,3 +31,27 @@ def test_manifest_records_inputs_and_content_hash(tmp_path):
     (out / "x.bin").write_bytes(b"124")
     assert content_hash(out) != m["content_hash"]
     assert json.loads((out / "manifest.json").read_text())["versions"]["nanoforge"]
+
+
+def test_equal_weights_make_byte_identical_model_files_in_every_process(tmp_path):
+    """safetensors orders the header's metadata by a per-process hash, so with two keys the same weights
+    gave different files now and then; each process here writes the same model once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, torch\n"
+        "from nanoforge.model import GPT, ModelConfig\n"
+        "from pathlib import Path\n"
+        "from nanoforge.train.checkpoint import save_model_artifact\n"
+        "torch.manual_seed(0)\n"
+        "m = GPT(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_embd=32, n_head=2))\n"
+        "save_model_artifact(m, Path(sys.argv[1]), tokenizer_dir=None)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    dirs = [tmp_path / f"m{i}" for i in range(4)]
+    for d in dirs:
+        subprocess.run([sys.executable, "-c", script, str(d)], check=True, env=env)
+    assert len({(d / "model.safetensors").read_bytes() for d in dirs}) == 1

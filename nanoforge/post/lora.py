@@ -36,7 +36,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from nanoforge.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json, input_hash, write_manifest
+from nanoforge.artifacts import (
+    SAFETENSORS_METADATA,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    input_hash,
+    write_manifest,
+)
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT
 from nanoforge.train.checkpoint import load_model_artifact, save_model_artifact
@@ -166,7 +173,7 @@ def save_adapter(out: Path, cfg: LoRAConfig, layers: list[str], params: dict[str
 
     `params` maps parameter names to tensors: `dict(model.named_parameters())`, or the gathered weights
     of a sharded model."""
-    blob = save(adapter_state(params), metadata={"format": "pt", "producer": "nanoforge"})
+    blob = save(adapter_state(params), metadata=SAFETENSORS_METADATA)
     atomic_write_bytes(out / ADAPTER_WEIGHTS, blob)
     atomic_write_json(out / ADAPTER_CONFIG, {
         "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,

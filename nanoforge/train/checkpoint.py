@@ -42,7 +42,14 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nanoforge.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
+from nanoforge.artifacts import (
+    SAFETENSORS_METADATA,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+)
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, ModelConfig
 from nanoforge.train.distributed import Dist, barrier, stored_names
@@ -93,7 +100,7 @@ def save_model_artifact(model: GPT, out: Path, *, tokenizer_dir: Path | None, ex
 
     `state` gives the weights when `model` does not hold them whole (gathered from FSDP shards)."""
     out.mkdir(parents=True, exist_ok=True)
-    blob = save(model_state(model) if state is None else state, metadata={"format": "pt", "producer": "nanoforge"})
+    blob = save(model_state(model) if state is None else state, metadata=SAFETENSORS_METADATA)
     atomic_write_bytes(out / "model.safetensors", blob)
     atomic_write_json(out / "config.json", {"model": model.cfg.to_dict(), **(extra or {})})
     if tokenizer_dir is not None:
