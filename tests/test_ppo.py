@@ -159,8 +159,8 @@ def test_ppo_with_a_reward_function(setting: Toy, tmp_path: Path) -> None:
     def colourful(prompts: list, texts: list[str]) -> list[float]:
         return [sum(w in colours for w in words(t)) / max(1, len(words(t))) for t in texts]
 
-    f = train_ppo(small(lr=3e-4, max_steps=16), setting.sft, colourful, setting.prompts, tmp_path / "ppo")["figures"]
-    assert f["score_last"] > f["score_first"] + 0.1
+    f = train_ppo(small(lr=5e-4, max_steps=16), setting.sft, colourful, setting.prompts, tmp_path / "ppo")["figures"]
+    assert f["score_last"] > f["score_first"] + 0.1, (f["score_first"], f["score_last"])
 
 
 def test_ppo_cli(setting: Toy, reward_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
