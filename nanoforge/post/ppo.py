@@ -305,17 +305,16 @@ def train_ppo(cfg: PPOConfig, model_dir: Path | str, reward: Path | str | Reward
     if cfg.temperature <= 0 or cfg.max_new_tokens < 1:
         raise NanoforgeError("ppo: need temperature > 0 and max_new_tokens >= 1")
     d, device = setup_ranks(cfg)
-    if cfg.minibatches > cfg.batch_size // d.world_size:
-        d.close()
-        raise NanoforgeError(f"ppo: {cfg.minibatches} minibatches need at least as many prompts per rank; "
-                             f"batch_size {cfg.batch_size} over {d.world_size} ranks gives "
-                             f"{cfg.batch_size // d.world_size}")
     return run_then_close(d, lambda: _ppo(cfg, Path(model_dir), reward, Path(prompts), Path(out), resume, inputs,
                                           d, device))
 
 
 def _ppo(cfg: PPOConfig, model_dir: Path, reward: Path | str | RewardFn, prompts: Path, out: Path, resume: bool,
          inputs: dict[str, Path] | None, d: Dist, device: torch.device) -> dict[str, Any] | None:
+    if cfg.minibatches > cfg.batch_size // d.world_size:
+        raise NanoforgeError(f"ppo: {cfg.minibatches} minibatches need at least as many prompts per rank; "
+                             f"batch_size {cfg.batch_size} over {d.world_size} ranks gives "
+                             f"{cfg.batch_size // d.world_size}")
     tok = Tokenizer.load(model_dir)
     records = read_prompts(prompts)[: cfg.max_prompts]
     train = [r for r in records if doc_fraction(repr(r.messages), cfg.seed) >= cfg.val_fraction]
