@@ -94,6 +94,14 @@ def parse_args() -> argparse.Namespace:
                    help="with --gpu: micro-batches per optimizer step (default: the preset's 524,288-token batch)")
     p.add_argument("--cudagraphs", action="store_true",
                    help="with --gpu: compile with mode='reduce-overhead' (CUDA graphs), both sides")
+    p.add_argument("--compile-mode", default=None,
+                   help="with --gpu: torch.compile mode, both sides (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --gpu: set torch._inductor.config.KEY (repeatable; e.g. coordinate_descent_tuning=1)")
+    p.add_argument("--loss-dw", choices=["addmm", "add"], default=None,
+                   help="with --gpu: how our loss accumulates the chunks' dw on the GPU (default: the model's)")
+    p.add_argument("--loss-chunk-elements", type=int, default=None,
+                   help="with --gpu: logits per loss chunk on the GPU (default: the model's)")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="with --gpu: profile 3 of our steps and print the N kernels that take the most GPU time")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one torchrun rank of --nproc
@@ -361,15 +369,17 @@ def gpu_preset(args: argparse.Namespace) -> None:
     cfg = model_config(preset, 512 if args.quick else 50257)
     batch = args.batch or preset.batch_size
     accum = args.accum or (2 if args.quick else max(1, preset.batch_tokens // (batch * cfg.seq_len)))
-    mode = "reduce-overhead" if args.cudagraphs else None
+    mode = "reduce-overhead" if args.cudagraphs else args.compile_mode
     dtype = torch.bfloat16
+    knobs = experiment_knobs(args)
     flops_per_token = GPT(cfg).flops_per_token()
     peak = peak_flops(torch.device(device), dtype)
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     print(f"gpt2-124m preset{' (--quick: a tiny GPT-2)' if args.quick else ''} on {hw}: "
           f"{flops_per_token / 1e6:.0f} MFLOP/token, micro-batch {batch} × {cfg.seq_len} × {accum} accumulated, "
           f"bf16 autocast, torch.compile{f' ({mode})' if mode else ''}, clip 1.0, fused AdamW; "
-          f"peak {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
+          f"peak {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}"
+          + (f"; {', '.join(f'{k}={v}' for k, v in knobs.items())}" if knobs else ""))
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (accum, batch, cfg.seq_len + 1), generator=g).to(device)
     x, y = data[..., :-1].contiguous(), data[..., 1:].contiguous()
@@ -419,23 +429,62 @@ def gpu_preset(args: argparse.Namespace) -> None:
         "bench": "train_gpu", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
         "hardware": hw, "torch": torch.__version__, "transformers": transformers.__version__,
         "shape": cfg.to_dict() | {"batch": batch, "accum": accum}, "flops_per_token": flops_per_token,
-        "peak_flops": peak, "dtype": "bf16", "compile": mode or True, "quick": args.quick,
+        "peak_flops": peak, "dtype": "bf16", "compile": mode or True, "knobs": knobs, "quick": args.quick,
         "timing": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "stat": "median"},
         "results": results, "ratio": None if ratio is None else round(ratio, 3),
     })
 
 
+def experiment_knobs(args: argparse.Namespace) -> dict[str, object]:
+    """Apply --inductor, --loss-dw and --loss-chunk-elements (settings to compare in one GPU session before
+    one becomes a default); returns what was set, for the record."""
+    import nanoforge.model as model_module
+
+    knobs: dict[str, object] = {}
+    for item in args.inductor:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor: expected KEY=VALUE, got {item!r}")
+        value: object = {"1": True, "true": True, "0": False, "false": False}.get(raw.lower(), raw)
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        target, *path = key.split(".")
+        obj = torch._inductor.config
+        for part in [target, *path][:-1]:
+            obj = getattr(obj, part)
+        if not hasattr(obj, key.split(".")[-1]):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        setattr(obj, key.split(".")[-1], value)
+        knobs[f"inductor.{key}"] = value
+    if args.loss_dw is not None:
+        model_module._DW_IN_MATMUL_DEVICES = {"cuda"} if args.loss_dw == "addmm" else set()
+        knobs["loss_dw"] = args.loss_dw
+    if args.loss_chunk_elements is not None:
+        model_module._LOSS_CHUNK_ELEMENTS["default"] = args.loss_chunk_elements
+        knobs["loss_chunk_elements"] = args.loss_chunk_elements
+    return knobs
+
+
 def top_kernels(step: Callable[[], torch.Tensor], device: str, n: int) -> str:
-    """The n kernels (or CPU ops, on a CPU) that take the most time in one profiled optimizer step."""
+    """The n kernels (or CPU ops, on a CPU) that take the most time in one profiled optimizer step, after
+    a line with the step's wall time and, on a GPU, the kernels' total (the rest is the GPU idle)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        sync(device)
+        t0 = time.perf_counter()
         step()
         sync(device)
+        wall_ms = 1e3 * (time.perf_counter() - t0)
+    events = prof.key_averages()
+    head = f"profiled step: {wall_ms:.1f} ms wall"
+    if cuda:
+        busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+        head += f", {busy_ms:.1f} ms of kernels ({busy_ms / wall_ms:.1%} busy)"
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=90)
+    return head + "\n" + events.table(sort_by=key, row_limit=n, max_name_column_width=90)
 
 
 # ------------------------------------------------------------------------------------------------ default

@@ -3,16 +3,20 @@
 #
 #   OUT=bench-results/gpu benchmarks/gpu_session.sh [TOKENS_DIR]
 #
-# 1. the model tests that run on each device (the loss on the GPU: compiled chunk, padded vocabulary);
-# 2. the gpt2-124m preset as pretrain runs it (bench_train.py --gpu: compile + bf16, micro-batch 32,
-#    accumulation over the 524,288-token batch): ours vs transformers, and where one step's GPU time goes;
-#    with BASELINE_TREE=dir (the parent of an older nanoforge/ package), that tree's model too;
-# 3. ours alone at micro-batch 16 and 64, and at 32 with CUDA graphs;
+# 1. the model tests that run on each device (the loss on the GPU: compiled chunk, padded vocabulary,
+#    dw accumulated inside the matmul);
+# 2. the gpt2-124m preset as pretrain runs it (bench_train.py --gpu: compile + bf16, the preset's
+#    micro-batch, accumulation over the 524,288-token batch): ours vs transformers, and where one step's
+#    GPU time goes; with BASELINE_TREE=dir (the parent of an older nanoforge/ package), that tree's model;
+# 3. ours alone under settings to compare: the loss's dw added outside the matmul, micro-batch 16 and 64
+#    (64 is rerun with CUDA_LAUNCH_BLOCKING=1 if it fails, to name the kernel), Inductor's coordinate
+#    descent tuning, larger loss chunks, max-autotune (Triton matmuls with fused epilogues), CUDA graphs;
 # 4. with TOKENS_DIR: `nanoforge pretrain --preset gpt2-124m` for 12 steps, one process (PARALLEL=fsdp or
 #    ddp: under torchrun on one GPU instead).
-# Figures land in $OUT (JSON lines, the pretrain metrics); the last lines printed are the summary.
-# On an H100 (2026-11) steps 1-4 took about 6 minutes, each compile ~30 s; the CUDA-graph run comes last
-# because it compiles longest (it did not finish inside a 450 s call then). Give the call 600 s.
+# Each run has its own time limit and the whole script stops starting runs after BUDGET seconds (default
+# 560), so one call leaves room on a 15-minute device lease; what ran is in $OUT (JSON lines, the pretrain
+# metrics) and the last lines printed are the summary. On an H100 each compile takes ~30 s (max-autotune
+# and CUDA graphs longer).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench-results/gpu}
@@ -32,16 +36,35 @@ run() {  # run NAME CMD...: print, time, remember the outcome
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), 'cuda', torch.version.cuda)"
+BUDGET=${BUDGET:-560}
+left() { echo $((BUDGET - SECONDS)); }
+bench() {  # bench NAME LIMIT ARGS...: one bench_train.py --gpu run, if the budget still allows LIMIT/2
+    local name=$1 limit=$2
+    shift 2
+    if [ "$(left)" -lt $((limit / 2)) ]; then
+        summary+=("$name: not run, $(left) s left")
+        return 1
+    fi
+    [ "$limit" -gt "$(left)" ] && limit=$(left)
+    run "$name" timeout "$limit" $PY benchmarks/bench_train.py --gpu "$@"
+}
 run "tests/test_model.py" timeout 180 $PY -m pytest -q -x -p no:cacheprovider --noconftest tests/test_model.py \
     -k each_device
-run "gpt2-124m b32" $PY benchmarks/bench_train.py --gpu --kernels 25 --out "$OUT/bench_train.jsonl"
+dw=()
+[ "${summary[-1]}" = "${summary[-1]#*rc 0,}" ] && dw=(--loss-dw add)  # the device test failed: old dw path
+bench "gpt2-124m" 150 --kernels 30 "${dw[@]}" --out "$OUT/bench_train.jsonl"
 if [ -n "${BASELINE_TREE:-}" ]; then
-    run "baseline b32" env PYTHONPATH="$BASELINE_TREE" \
-        $PY benchmarks/bench_train.py --gpu --batch 32 --sides ours --out "$OUT/bench_train_baseline.jsonl"
+    PYTHONPATH="$BASELINE_TREE" bench "baseline" 90 --sides ours --out "$OUT/bench_train_baseline.jsonl"
 fi
-for b in 16 64; do
-    run "gpt2-124m b$b" $PY benchmarks/bench_train.py --gpu --batch $b --sides ours --out "$OUT/bench_train.jsonl"
-done
+bench "dw added outside the matmul" 90 --sides ours --loss-dw add --out "$OUT/bench_train.jsonl"
+if ! bench "micro-batch 64" 100 --batch 64 --sides ours "${dw[@]}" --out "$OUT/bench_train.jsonl"; then
+    CUDA_LAUNCH_BLOCKING=1 bench "micro-batch 64, launch blocking" 100 --batch 64 --sides ours "${dw[@]}" \
+        --accum 2 --warmup 0 --rounds 1 --out "$OUT/bench_train_blocking.jsonl"
+fi
+bench "coordinate descent" 150 --sides ours "${dw[@]}" --inductor coordinate_descent_tuning=1 \
+    --out "$OUT/bench_train.jsonl"
+bench "loss chunks of 2^29" 90 --sides ours "${dw[@]}" --loss-chunk-elements 536870912 --out "$OUT/bench_train.jsonl"
+bench "micro-batch 16" 90 --batch 16 --sides ours "${dw[@]}" --out "$OUT/bench_train.jsonl"
 if [ -n "$TOKENS" ]; then
     rm -rf /tmp/nanoforge-gpu-pretrain
     launch=($PY)
@@ -52,17 +75,19 @@ if [ -n "$TOKENS" ]; then
     cp /tmp/nanoforge-gpu-pretrain/metrics.jsonl "$OUT/pretrain_metrics.jsonl" 2>/dev/null
     cp /tmp/nanoforge-gpu-pretrain/manifest.json "$OUT/pretrain_manifest.json" 2>/dev/null
 fi
-run "gpt2-124m b32 cudagraphs" timeout 150 $PY benchmarks/bench_train.py --gpu --batch 32 --sides ours --cudagraphs \
-    --out "$OUT/bench_train_cudagraphs.jsonl"
+bench "max-autotune" 200 --sides ours "${dw[@]}" --compile-mode max-autotune-no-cudagraphs \
+    --out "$OUT/bench_train.jsonl"
+bench "CUDA graphs" 150 --sides ours "${dw[@]}" --cudagraphs --out "$OUT/bench_train.jsonl"
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
-$PY - "$OUT"/bench_train*.jsonl <<'EOF'
-import json, sys
-for path in sys.argv[1:]:
+$PY - "$OUT" <<'EOF'
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/bench_train*.jsonl")):
     for line in open(path):
         r = json.loads(line)
         for side, x in r["results"].items():
             print(f"{path.rsplit('/', 1)[-1]:28s} b{r['shape']['batch']:<3}×{r['shape'].get('accum', 1):<3} {side:13s} {x['tok_s']:>10.0f} tok/s  "
                   f"MFU {x['mfu']:.1%}  peak {x['peak_memory_gb']} GB  compiled in {x['compile_s']} s"
+                  + f"  {r['compile'] if r['compile'] is not True else ''} {r.get('knobs') or ''}"
                   + ("  (--quick)" if r["quick"] else ""))
 EOF

@@ -433,6 +433,9 @@ _LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "default": 2**27}
 _IN_PLACE_LOSS_DEVICES = {"cpu"}
 # the vocabulary is padded to a multiple of this inside the loss, so each matmul's rows are 128-byte aligned
 _VOCAB_ALIGN = 64
+# devices whose loss accumulates the chunks' dw inside the matmul (cuBLAS addmm, low-precision inputs,
+# fp32 output and accumulator); elsewhere each chunk's dw is a separate product added to the accumulator
+_DW_IN_MATMUL_DEVICES = {"cuda"}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -482,12 +485,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             n_chunks = math.ceil(N * wc.shape[0] / budget)
             rows = math.ceil(N / n_chunks)  # equal chunks but the last: at most two shapes to compile
             chunk = _chunk_in_place if in_place else _fused_chunk_for(device)
+            dw_in_matmul = want_dw and _dw_in_matmul(device, dtype)
             for start in range(0, N, rows):
                 s = slice(start, start + rows)
                 losses[s], grad = chunk(xc[s] @ wc.T, safe_targets[s], row_scale[s], V, want_dx or want_dw)
                 if want_dx:
                     dx[s] = grad @ wc  # (C, d)
-                if want_dw:
+                if dw_in_matmul:  # dw + grad.T @ x in one cuBLAS call, accumulated in fp32
+                    dw = torch.addmm(dw, grad.T, xc[s], out_dtype=torch.float32)
+                elif want_dw:
                     dw += grad.T @ xc[s]  # (V, d)
         if dw is not None and dw.shape[0] != V:
             dw = dw[:V]
@@ -502,6 +508,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         dx = None if dx is None else (dx * grad_loss).to(ctx.x_dtype)
         dw = None if dw is None else dw * grad_loss
         return dx, dw, None, None
+
+
+def _dw_in_matmul(device: str, dtype: torch.dtype) -> bool:
+    """Whether the loss's dw accumulates inside the matmul: on the devices of `_DW_IN_MATMUL_DEVICES`, for
+    bf16/fp16 chunks, where this torch has `addmm` with an fp32 `out_dtype` (2.8 on). Otherwise each
+    chunk's product is rounded to the matmul dtype and added: a compiled model then keeps every chunk's
+    product alive until one kernel sums them (~2 GB and a pass over them at GPT-2's vocabulary and 64k
+    tokens)."""
+    return (device in _DW_IN_MATMUL_DEVICES and dtype in (torch.bfloat16, torch.float16)
+            and hasattr(torch.ops.aten.addmm, "dtype"))
 
 
 def _chunk_in_place(
