@@ -478,7 +478,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             safe_targets = targets.clamp_min(0)
             # d loss / d logit of each row: 1/n_valid for the mean, 1 for the sum, 0 for ignored rows
             row_scale = valid / n_valid.clamp_min(1) if reduction == "mean" else valid.float()
-            losses = torch.empty(N, device=x.device)
+            # the chunks' summed losses: a compiled model that writes per-row losses into one (N,) buffer
+            # fuses every chunk's gather into one reduction indexed by row·V over all N rows, which
+            # overflows int32 past 2^31 logits (GPT-2 at 64k tokens: an illegal memory access)
+            total = torch.zeros((), device=x.device)
             dx = torch.empty_like(xc) if want_dx else None
             dw = torch.zeros(wc.shape, device=x.device) if want_dw else None  # fp32 accumulator
             budget = _LOSS_CHUNK_ELEMENTS.get(device, _LOSS_CHUNK_ELEMENTS["default"])
@@ -488,7 +491,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             dw_in_matmul = want_dw and _dw_in_matmul(device, dtype)
             for start in range(0, N, rows):
                 s = slice(start, start + rows)
-                losses[s], grad = chunk(xc[s] @ wc.T, safe_targets[s], row_scale[s], V, want_dx or want_dw)
+                losses, grad = chunk(xc[s] @ wc.T, safe_targets[s], row_scale[s], V, want_dx or want_dw)
+                total = total + (losses * valid[s]).sum()
                 if want_dx:
                     dx[s] = grad @ wc  # (C, d)
                 if dw_in_matmul:  # dw + grad.T @ x in one cuBLAS call, accumulated in fp32
@@ -499,8 +503,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             dw = dw[:V]
         ctx.save_for_backward(dx, dw)
         ctx.x_dtype = x.dtype
-        losses = losses * valid
-        return losses.sum() / n_valid if reduction == "mean" else losses.sum()
+        return total / n_valid if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
