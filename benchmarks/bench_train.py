@@ -98,8 +98,8 @@ def parse_args() -> argparse.Namespace:
                    help="with --gpu: torch.compile mode, both sides (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="with --gpu: set torch._inductor.config.KEY (repeatable; e.g. coordinate_descent_tuning=1)")
-    p.add_argument("--loss-dw", choices=["addmm", "add"], default=None,
-                   help="with --gpu: how our loss accumulates the chunks' dw on the GPU (default: the model's)")
+    p.add_argument("--sdpa", choices=["cudnn", "flash", "efficient"], default=None,
+                   help="with --gpu: the one attention backend SDPA may use (default: torch's choice)")
     p.add_argument("--loss-chunk-elements", type=int, default=None,
                    help="with --gpu: logits per loss chunk on the GPU (default: the model's)")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
@@ -436,7 +436,7 @@ def gpu_preset(args: argparse.Namespace) -> None:
 
 
 def experiment_knobs(args: argparse.Namespace) -> dict[str, object]:
-    """Apply --inductor, --loss-dw and --loss-chunk-elements (settings to compare in one GPU session before
+    """Apply --inductor, --sdpa and --loss-chunk-elements (settings to compare in one GPU session before
     one becomes a default); returns what was set, for the record."""
     import nanoforge.model as model_module
 
@@ -456,9 +456,12 @@ def experiment_knobs(args: argparse.Namespace) -> dict[str, object]:
             raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
         setattr(obj, key.split(".")[-1], value)
         knobs[f"inductor.{key}"] = value
-    if args.loss_dw is not None:
-        model_module._DW_IN_MATMUL_DEVICES = {"cuda"} if args.loss_dw == "addmm" else set()
-        knobs["loss_dw"] = args.loss_dw
+    if args.sdpa is not None:
+        for name in ("cudnn", "flash", "efficient"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp" if name != "efficient" else "enable_mem_efficient_sdp")(
+                name == args.sdpa)
+        torch.backends.cuda.enable_math_sdp(False)
+        knobs["sdpa"] = args.sdpa
     if args.loss_chunk_elements is not None:
         model_module._LOSS_CHUNK_ELEMENTS["default"] = args.loss_chunk_elements
         knobs["loss_chunk_elements"] = args.loss_chunk_elements

@@ -433,7 +433,7 @@ _LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "default": 2**27}
 _IN_PLACE_LOSS_DEVICES = {"cpu"}
 # the vocabulary is padded to a multiple of this inside the loss, so each matmul's rows are 128-byte aligned
 _VOCAB_ALIGN = 64
-# devices whose loss accumulates the chunks' dw inside the matmul (cuBLAS addmm, low-precision inputs,
+# devices whose eager loss accumulates the chunks' dw inside the matmul (cuBLAS addmm, low-precision inputs,
 # fp32 output and accumulator); elsewhere each chunk's dw is a separate product added to the accumulator
 _DW_IN_MATMUL_DEVICES = {"cuda"}
 
@@ -514,13 +514,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _dw_in_matmul(device: str, dtype: torch.dtype) -> bool:
-    """Whether the loss's dw accumulates inside the matmul: on the devices of `_DW_IN_MATMUL_DEVICES`, for
-    bf16/fp16 chunks, where this torch has `addmm` with an fp32 `out_dtype` (2.8 on). Otherwise each
-    chunk's product is rounded to the matmul dtype and added: a compiled model then keeps every chunk's
-    product alive until one kernel sums them (~2 GB and a pass over them at GPT-2's vocabulary and 64k
-    tokens)."""
+    """Whether the loss's dw accumulates inside the matmul: eagerly on the devices of
+    `_DW_IN_MATMUL_DEVICES`, for bf16/fp16 chunks, where this torch has `addmm` with an fp32 `out_dtype`
+    (2.8 on). One cuBLAS call per chunk then reads and writes the fp32 accumulator in its epilogue, and the
+    chunks' products are summed in fp32. Otherwise each chunk's product is rounded to the matmul dtype and
+    added in a separate pass. Not under torch.compile: torch 2.11's fake-tensor rule for this `addmm`
+    fails (measured on an H100), and a compiled model sums the products in one fused kernel anyway."""
     return (device in _DW_IN_MATMUL_DEVICES and dtype in (torch.bfloat16, torch.float16)
-            and hasattr(torch.ops.aten.addmm, "dtype"))
+            and not torch.compiler.is_compiling() and hasattr(torch.ops.aten.addmm, "dtype"))
 
 
 def _chunk_in_place(

@@ -219,7 +219,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients_on_each_device(
 ) -> None:
     """Under torch.compile (the default on GPUs) the traced loss is the fused chunk over a padded vocabulary,
     here in 13 chunks (the last one shorter, as at micro-batch 32 of gpt2-124m); loss and gradients equal
-    the eager model's. On a GPU under bf16, where dw also accumulates inside the matmul."""
+    the eager model's. On a GPU under bf16, whose eager loss accumulates dw inside the matmul."""
     monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", {"cpu": 5 * 128, "default": 5 * 128})
     m = model_of(tiny("gpt2")).to(device)
     idx, targets = tokens(2, T).to(device), tokens(2, T, seed=2).to(device)
@@ -371,3 +371,16 @@ def test_cache_overflow_is_refused() -> None:
     cache = KVCache(1, 4, m.cfg)
     with torch.no_grad(), pytest.raises(NanoforgeError, match="KV cache of 4 slots is full"):
         m(tokens(1, 5), kv_cache=cache)
+
+
+def test_dw_accumulates_inside_the_matmul_only_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss's fp32 addmm accumulation of dw runs on GPUs, eagerly, for low-precision chunks: not on a
+    CPU (no such kernel there), not for fp32 (the plain product is already fp32), not under torch.compile
+    (torch 2.11 cannot trace it)."""
+    has_op = hasattr(torch.ops.aten.addmm, "dtype")
+    assert model_module._dw_in_matmul("cuda", torch.bfloat16) is has_op
+    assert model_module._dw_in_matmul("cuda", torch.float16) is has_op
+    assert not model_module._dw_in_matmul("cuda", torch.float32)
+    assert not model_module._dw_in_matmul("cpu", torch.bfloat16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not model_module._dw_in_matmul("cuda", torch.bfloat16)
