@@ -17,7 +17,8 @@ one model in memory. The output is a normal model artifact (model.safetensors + 
 
 Under torchrun every rank holds the policy (and the reference log-probabilities) and takes an equal share of
 each step's pairs; gradients are averaged over the ranks, so a run on N GPUs takes the steps of one process
-with the same `batch_size` (which must be a multiple of N):
+with the same `batch_size` (which must be a multiple of N). The reference log-probabilities and the held-out
+evaluation are shared out too: each rank computes every N-th pair and the ranks exchange the results.
 
     torchrun --nproc-per-node 8 -m nanoforge dpo --model … --prefs … --out … --batch-size 64
 """
@@ -42,11 +43,11 @@ from nanoforge.post.preference import (
     Pair,
     PostTrainConfig,
     TrainRun,
-    chunks,
     epoch_batches,
     mean_of,
     pair_batch,
     response_logprobs,
+    rows_across_ranks,
     setup_ranks,
 )
 from nanoforge.post.reward import load_pairs
@@ -87,10 +88,11 @@ def pair_logprobs(model: GPT, pairs: Sequence[Pair], pad_id: int, device: torch.
 
 @torch.no_grad()
 def reference_logprobs(ref: GPT, pairs: Sequence[Pair], pad_id: int, device: torch.device,
-                       batch_size: int) -> Tensor:
-    """(N, 2) reference log-probabilities (chosen, rejected) of every pair."""
-    out = [torch.stack(pair_logprobs(ref, part, pad_id, device)[:2], dim=1) for part in chunks(pairs, batch_size)]
-    return torch.cat(out) if out else torch.empty(0, 2, device=device)
+                       batch_size: int, d: Dist) -> Tensor:
+    """(N, 2) reference log-probabilities (chosen, rejected) of every pair, on every rank; under torchrun
+    each rank computes its share."""
+    return rows_across_ranks(lambda part: torch.stack(pair_logprobs(ref, part, pad_id, device)[:2], dim=1),
+                             pairs, batch_size, 2, d, device)
 
 
 def _metrics(loss: Tensor, chosen: Tensor, rejected: Tensor, prefix: str = "") -> dict[str, float]:
@@ -102,21 +104,15 @@ def _metrics(loss: Tensor, chosen: Tensor, rejected: Tensor, prefix: str = "") -
 
 @torch.no_grad()
 def evaluate_dpo(policy: GPT, pairs: Sequence[Pair], ref_logps: Tensor, cfg: DPOConfig, pad_id: int,
-                 device: torch.device) -> dict[str, float]:
-    """Held-out DPO loss, implicit rewards, margin and accuracy."""
+                 device: torch.device, d: Dist) -> dict[str, float]:
+    """Held-out DPO loss, implicit rewards, margin and accuracy; every rank calls it and scores its share."""
     if not pairs:
         return {}
     was = policy.training
     policy.eval()
-    chosen, rejected = [], []
-    for i, part in zip(range(0, len(pairs), cfg.eval_batch_size), chunks(pairs, cfg.eval_batch_size), strict=True):
-        pc, pr, _ = pair_logprobs(policy, part, pad_id, device)
-        ref = ref_logps[i : i + len(part)]
-        _, c, r = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta)
-        chosen.append(c)
-        rejected.append(r)
+    logps = reference_logprobs(policy, pairs, pad_id, device, cfg.eval_batch_size, d)
     policy.train(was)
-    c, r = torch.cat(chosen), torch.cat(rejected)
+    _, c, r = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
     return _metrics(-F.logsigmoid(c - r).mean(), c, r, prefix="val_")
 
 
@@ -141,11 +137,11 @@ def _dpo(cfg: DPOConfig, model_dir: Path, prefs: Path, out: Path, resume: bool, 
 
     ref = load_model_artifact(model_dir, device)
     ref.requires_grad_(False)
-    ref_val = reference_logprobs(ref, val, tok.pad_id, device, cfg.eval_batch_size)
+    ref_val = reference_logprobs(ref, val, tok.pad_id, device, cfg.eval_batch_size, d)
     ref_train = None
     if cfg.precompute_ref:
         t0 = time.perf_counter()
-        ref_train = reference_logprobs(ref, train, tok.pad_id, device, cfg.eval_batch_size)
+        ref_train = reference_logprobs(ref, train, tok.pad_id, device, cfg.eval_batch_size, d)
         if d.main:
             info(f"dpo: reference log-probabilities of {len(train) + len(val)} pairs in "
                  f"{time.perf_counter() - t0:.1f}s")
@@ -171,14 +167,14 @@ def _dpo(cfg: DPOConfig, model_dir: Path, prefs: Path, out: Path, resume: bool, 
         tokens, busy = tokens + n_tokens, busy + dt
         record: dict[str, Any] = {**_metrics(loss, chosen, rejected), "tok_per_s": n_tokens / dt}
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_eval = evaluate_dpo(policy, val, ref_val, cfg, tok.pad_id, device)
+            last_eval = evaluate_dpo(policy, val, ref_val, cfg, tok.pad_id, device, d)
             record.update(last_eval)
         run.log(record, show=("loss", "rewards_margin", "val_rewards_accuracy"))
     rows = run.finish(f"DPO (beta {cfg.beta})")
     tokens = int(all_reduce_sum(torch.tensor([tokens]), d))  # every rank's share of the batches
+    last_eval = last_eval or evaluate_dpo(policy, val, ref_val, cfg, tok.pad_id, device, d)  # resumed when done
     if not d.main:
         return None
-    last_eval = last_eval or evaluate_dpo(policy, val, ref_val, cfg, tok.pad_id, device)  # resumed when done
 
     save_model_artifact(policy, out, tokenizer_dir=model_dir, extra={"stage": "dpo", "step": run.step})
     tail = rows[-10:]

@@ -54,6 +54,7 @@ from nanoforge.post.preference import (
     adamw,
     hidden_states,
     mean_of,
+    rows_across_ranks,
     sequence_batch,
     setup_ranks,
 )
@@ -264,11 +265,16 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self, records: Sequence[PromptRecord]) -> float | None:
-        """Mean score of the policy's responses to the held-out prompts (fixed seed)."""
+        """Mean score of the policy's responses to the held-out prompts (fixed seed); under torchrun each rank
+        samples and scores its share of the prompts (every rank calls it)."""
         if not records:
             return None
-        prompts, responses = self.sample(records, seed=self.cfg.seed + 10_000_019)
-        return float(self.score([r.messages for r in records], prompts, responses).mean())
+
+        def scores(part: Sequence[PromptRecord]) -> Tensor:
+            prompts, responses = self.sample(part, seed=self.cfg.seed + 10_000_019)
+            return self.score([r.messages for r in part], prompts, responses).to(self.device)[:, None]
+
+        return float(rows_across_ranks(scores, records, len(records), 1, self.d, self.device).mean())
 
 
 def reward_scorer(reward: Path | RewardFn, tok: Tokenizer, device: torch.device) -> Callable[..., Tensor]:
@@ -330,7 +336,7 @@ def _ppo(cfg: PPOConfig, model_dir: Path, reward: Path | str | RewardFn, prompts
                 weight_decay=cfg.weight_decay, device=device)
     trainer = PPOTrainer(cfg, model, ref, tok, score, device, d)
     run = TrainRun("ppo", cfg, out, model, opt, resume=resume, dist=d)
-    if run.step == 0:  # every rank scores the same held-out replies (the same weights, a fixed seed)
+    if run.step == 0:  # the ranks share the held-out prompts (the same weights, a fixed seed per share)
         run.state["val_score_before"] = trainer.evaluate(val)
     model.train()
     last_val = None

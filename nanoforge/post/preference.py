@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +33,7 @@ from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT, _rope_cos_sin
 from nanoforge.tokenizer import Tokenizer, doc_fraction
 from nanoforge.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
-from nanoforge.train.distributed import Dist, all_reduce_max, all_reduce_sum, init_distributed
+from nanoforge.train.distributed import Dist, all_reduce_max, all_reduce_sum, gather_strided, init_distributed
 from nanoforge.train.metrics import MetricsLog, plot_losses
 from nanoforge.train.schedule import lr_at
 
@@ -383,6 +383,16 @@ def epoch_batches(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.extend(perm[offset : offset + batch_size - len(out)].tolist())
     return out
+
+
+def rows_across_ranks(fn: Callable[[Sequence[T]], Tensor], items: Sequence[T], batch_size: int, width: int,
+                      d: Dist, device: torch.device) -> Tensor:
+    """`fn` over `items` in batches of `batch_size`, each returning (len(batch), width) rows; under torchrun
+    each rank computes every world_size-th item (from its rank on) and every rank gets all the rows, in the
+    items' order. Evaluation and reference passes cost 1/world_size each instead of the whole set per rank."""
+    parts = [fn(part).float() for part in chunks(list(items[d.rank :: d.world_size]), batch_size)]
+    local = torch.cat(parts) if parts else torch.empty(0, width, device=device)
+    return gather_strided(local, len(items), d)
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

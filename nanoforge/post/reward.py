@@ -54,6 +54,7 @@ from nanoforge.post.preference import (
     hidden_states,
     pair_batch,
     read_preferences,
+    rows_across_ranks,
     sequence_batch,
     setup_ranks,
     split_pairs,
@@ -165,21 +166,19 @@ def pairs_rewards(rm: RewardModel, batch: SequenceBatch) -> tuple[Tensor, Tensor
 
 @torch.no_grad()
 def evaluate_reward(rm: RewardModel, pairs: Sequence[Pair], pad_id: int, device: torch.device,
-                    batch_size: int = 64) -> dict[str, float]:
-    """Held-out loss, accuracy (share of pairs with r_c > r_r) and mean reward gap."""
+                    batch_size: int, d: Dist) -> dict[str, float]:
+    """Held-out loss, accuracy (share of pairs with r_c > r_r) and mean reward gap; under torchrun every
+    rank calls it and scores its share of the pairs."""
     if not pairs:
         return {}
     was = rm.training
     rm.eval()
-    loss = correct = gap = 0.0
-    for part in chunks(pairs, batch_size):
-        rc, rr = pairs_rewards(rm, pair_batch(part, pad_id).to(device))
-        loss += float(bradley_terry_loss(rc, rr)) * len(part)
-        correct += float((rc > rr).sum())
-        gap += float((rc - rr).sum())
+    r = rows_across_ranks(lambda part: torch.stack(pairs_rewards(rm, pair_batch(part, pad_id).to(device)), dim=1),
+                          pairs, batch_size, 2, d, device)
     rm.train(was)
-    n = len(pairs)
-    return {"val_loss": loss / n, "val_accuracy": correct / n, "val_reward_gap": gap / n}
+    rc, rr = r[:, 0], r[:, 1]
+    return {"val_loss": float(bradley_terry_loss(rc, rr)), "val_accuracy": float((rc > rr).float().mean()),
+            "val_reward_gap": float((rc - rr).mean())}
 
 
 def load_pairs(tok: Tokenizer, prefs: Path, seq_len: int, val_fraction: float, seed: int,
@@ -222,7 +221,7 @@ def _reward(cfg: RewardConfig, model_dir: Path, prefs: Path, out: Path, resume: 
     run = TrainRun("reward", cfg, out, rm, opt, resume=resume, dist=d)
     if run.step == 0:  # kept in the checkpoints, so a resumed run still reports it
         run.state["val_accuracy_before"] = evaluate_reward(rm, val, tok.pad_id, device,
-                                                           cfg.eval_batch_size).get("val_accuracy")
+                                                           cfg.eval_batch_size, d).get("val_accuracy")
     rm.train()
     last_eval: dict[str, float] = {}
     tokens = 0
@@ -242,18 +241,20 @@ def _reward(cfg: RewardConfig, model_dir: Path, prefs: Path, out: Path, resume: 
         record: dict[str, Any] = {"loss": float(loss.detach()), "accuracy": float((gap > 0).float().mean()),
                                   "reward_gap": float(gap.mean()), "tok_per_s": n_tokens / dt}
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_eval = evaluate_reward(rm, val, tok.pad_id, device, cfg.eval_batch_size)
+            last_eval = evaluate_reward(rm, val, tok.pad_id, device, cfg.eval_batch_size, d)
             record.update(last_eval)
         run.log(record, show=("loss", "accuracy", "val_accuracy"))
     rows = run.finish("reward model (Bradley–Terry)")
     tokens = int(all_reduce_sum(torch.tensor([tokens]), d))  # every rank's share of the batches
+    last_eval = last_eval or evaluate_reward(rm, val, tok.pad_id, device, cfg.eval_batch_size, d)  # resumed when done
+    # the reward's scale over the training responses, which PPO normalises with (each rank scores its share)
+    scores = rows_across_ranks(lambda part: torch.tensor(rm.rewards_of_ids(part, tok.pad_id, batch_size=len(part)),
+                                                         device=device)[:, None],
+                               [(p.prompt, r) for p in train for r in (p.chosen, p.rejected)],
+                               cfg.eval_batch_size, 1, d, device)[:, 0]
+    rm.mean, rm.std = float(scores.mean()), float(scores.std().clamp_min(1e-6))
     if not d.main:
         return None
-    last_eval = last_eval or evaluate_reward(rm, val, tok.pad_id, device, cfg.eval_batch_size)  # resumed when done
-
-    scores = torch.tensor(rm.rewards_of_ids([(p.prompt, r) for p in train for r in (p.chosen, p.rejected)],
-                                            tok.pad_id, batch_size=cfg.eval_batch_size))
-    rm.mean, rm.std = float(scores.mean()), float(scores.std().clamp_min(1e-6))
     rm.save(out, model_dir, extra={"stage": "reward", "step": run.step})
     losses = [r["loss"] for r in rows if "loss" in r]
     figures = {"train_pairs": len(train), "val_pairs": len(val), "dropped_pairs": dropped, "steps": run.step,

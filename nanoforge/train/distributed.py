@@ -128,6 +128,27 @@ def _all_reduce(t: torch.Tensor, d: Dist, op: dist.ReduceOp) -> torch.Tensor:
     return t
 
 
+def gather_strided(local: torch.Tensor, n: int, d: Dist) -> torch.Tensor:
+    """Every rank's rows in one (n, ...) tensor on every rank, where rank r holds rows r, r + world, r + 2·world,
+    … of n (the order of `items[rank::world]`); `local` is this rank's (ceil-or-floor(n / world), ...) rows.
+    One all-gather of equal padded blocks; the identity for one process."""
+    if not d.active:
+        return local
+    per = -(-n // d.world_size)
+    block = local.new_zeros((per, *local.shape[1:]))
+    block[: local.shape[0]] = local
+    on_gpu = block.device.type != "cuda" and dist.get_backend() == "nccl"  # NCCL gathers GPU tensors only
+    if on_gpu:
+        block = block.to(torch.device("cuda", torch.cuda.current_device()))
+    blocks = [torch.empty_like(block) for _ in range(d.world_size)]
+    dist.all_gather(blocks, block)
+    full = local.new_empty((n, *local.shape[1:]))
+    for rank, b in enumerate(blocks):
+        rows = len(range(rank, n, d.world_size))
+        full[rank :: d.world_size] = b[:rows].to(full.device)
+    return full
+
+
 def broadcast_object(obj: Any, d: Dist) -> Any:
     """Rank 0's `obj` on every rank (e.g. a choice that rank 0 measured)."""
     if not d.active:
