@@ -167,29 +167,69 @@ def test_resume_from_a_checkpoint_ends_with_the_same_weights(base_model, chat_da
         [r["loss"] for r in MetricsLog.read(ref / "metrics.jsonl")]
 
 
-def test_two_ddp_ranks_train_like_one_process(base_model, chat_data, tmp_path):
-    """4 rows per step: 2 micro-batches of 2 on one process, one micro-batch on each of two torchrun ranks."""
-    flags = ["sft", "--model", str(base_model), "--data", str(chat_data / "train.jsonl"), "--max-steps", "3",
-             "--batch-size", "2", "--lr", "3e-3", "--dtype", "fp32", "--device", "cpu", "--threads", "1",
-             "--set", "batch_rows=4", "--set", "answer_eval=0", "--set", "eval_rows=4"]
-    one = tmp_path / "one"
-    assert main([*flags, "--out", str(one)]) == 0
+def _torchrun_sft(flags: list[str], ok: bool = True) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    two = tmp_path / "two"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(port), "-m", "nanoforge", *flags, "--out", str(two)],
+                          "127.0.0.1", "--master-port", str(port), "-m", "nanoforge", *flags],
                          env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.returncode == 0) is ok, run.stderr[-3000:]
+    return run
+
+
+def _sft_flags(base_model: Path, chat_data: Path, *extra: str) -> list[str]:
+    return ["sft", "--model", str(base_model), "--data", str(chat_data / "train.jsonl"), "--max-steps", "3",
+            "--batch-size", "2", "--lr", "3e-3", "--dtype", "fp32", "--device", "cpu", "--threads", "1",
+            "--set", "batch_rows=4", "--set", "answer_eval=0", "--set", "eval_rows=4", *extra]
+
+
+def _assert_same_sft(one: Path, two: Path, weights: str = "model.safetensors") -> None:
     r1, r2 = MetricsLog.read(one / "metrics.jsonl"), MetricsLog.read(two / "metrics.jsonl")
     assert [r["loss"] for r in r1] == pytest.approx([r["loss"] for r in r2], rel=1e-5)
     assert r1[-1]["val_loss"] == pytest.approx(r2[-1]["val_loss"], rel=1e-5)
-    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    a, b = load_file(str(one / weights)), load_file(str(two / weights))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_two_ddp_ranks_train_like_one_process(base_model, chat_data, tmp_path):
+    """4 rows per step: 2 micro-batches of 2 on one process, one micro-batch on each of two torchrun ranks."""
+    flags = _sft_flags(base_model, chat_data)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*flags, "--out", str(one)]) == 0
+    _torchrun_sft([*flags, "--out", str(two)])
+    _assert_same_sft(one, two)
     assert json.loads((two / "manifest.json").read_text())["figures"]["world_size"] == 2
+
+
+def test_lora_on_two_fsdp_ranks_trains_like_one_process_and_resumes_on_one(base_model, chat_data, tmp_path):
+    """LoRA under FSDP: the frozen base and the adapters sharded over two ranks take one process's steps;
+    the adapter file is whole; the two ranks' checkpoint of step 2 resumes in one process to the same end."""
+    flags = _sft_flags(base_model, chat_data, "--lora-rank", "4", "--set", "ckpt_every=2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*flags, "--out", str(one)]) == 0
+    _torchrun_sft([*flags, "--out", str(two), "--parallel", "fsdp"])
+    _assert_same_sft(one, two, "adapter_model.safetensors")
+    figures = json.loads((two / "manifest.json").read_text())["figures"]
+    assert figures["world_size"] == 2 and figures["trainable_params"] < figures["params"] / 5
+
+    resumed = tmp_path / "resumed"  # as a kill after the checkpoint of step 2 would have left it
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000003")
+    (resumed / "checkpoints" / "latest").write_text("step-0000002\n")
+    for name in ("manifest.json", "adapter_model.safetensors", "adapter_config.json", "loss.png"):
+        (resumed / name).unlink(missing_ok=True)
+    assert main([*flags, "--out", str(resumed), "--resume"]) == 0
+    _assert_same_sft(one, resumed, "adapter_model.safetensors")
+
+    # an int8 base is a tensor subclass that FSDP does not shard: a clear error before anything is written
+    run = _torchrun_sft([*flags, "--out", str(tmp_path / "int8"), "--parallel", "fsdp", "--lora-quantize", "int8"],
+                        ok=False)
+    assert "not sharded by FSDP" in run.stderr
+    assert not (tmp_path / "int8").exists()
 
 
 def test_bad_chat_data_is_refused_naming_the_line(base_model, tmp_path, capsys):

@@ -338,8 +338,9 @@ def _sft(cfg: SFTConfig, model_dir: Path, data: list[Path], val_files: list[Path
     ckpt_every = cfg.ckpt_every or max(1, max_steps // 5)
 
     lora = cfg.lora
-    if lora is not None and d.active and cfg.parallel == "fsdp":
-        raise NanoforgeError("sft: LoRA runs under ddp (its adapters are small); drop --parallel fsdp")
+    if lora is not None and lora.quantize and d.active and cfg.parallel == "fsdp":
+        raise NanoforgeError("sft: an int8 base (--lora-quantize) is not sharded by FSDP; use --parallel ddp, "
+                             "or FSDP with the base in full precision")
     adapted = apply_lora(model, lora) if lora is not None else []  # B = 0: still exactly the base model
     lr = cfg.lr if cfg.lr is not None else round((1.0 if lora else 0.3) * 6e-4 * 768 / mcfg.n_embd, 6)
     saved = checkpoint_state(ckpt) if ckpt is not None else None
@@ -359,9 +360,10 @@ def _sft(cfg: SFTConfig, model_dir: Path, data: list[Path], val_files: list[Path
         base_answers = evaluate_answers(model, tok, answer_chats, max_new_tokens=cfg.answer_tokens)
     if lora is not None and lora.quantize:
         quantize_base(model)
-    # what checkpoints hold: every weight, or for LoRA the adapters alone (the frozen base is --model)
-    trained = model if lora is None else _AdapterParams(model)
     train_model = parallelize(model, d, device, parallel=cfg.parallel, bf16=dtype == "bf16", compile=False)
+    # what checkpoints hold: every weight, or for LoRA the adapters alone (the frozen base is --model); made
+    # after parallelize, which gives a sharded model new (DTensor) parameters
+    trained = model if lora is None else _AdapterParams(model)
     opt = build_adamw(model, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       device_type=device.type)
     n_params = sum(p.numel() for p in model.parameters())
@@ -451,9 +453,8 @@ def _sft(cfg: SFTConfig, model_dir: Path, data: list[Path], val_files: list[Path
     bar.close()
 
     # gathered from the shards under FSDP: every rank takes part
-    weights = full_model_state(model, d) if lora is None else {n: p.detach().cpu() for n, p in model.named_parameters()
-                                                               if p.requires_grad}
-    plain = replica(model, d)
+    weights = full_model_state(model, d) if lora is None else _adapter_weights(model)
+    plain = replica(model, d, prepare=None if lora is None else lambda m: apply_lora(m, lora))
     manifest = None
     if d.main:
         assert metrics is not None and weights is not None and plain is not None
@@ -479,6 +480,13 @@ class _AdapterParams(torch.nn.Module):
         super().__init__()
         self.adapters = torch.nn.ParameterDict({n.replace(".", "__"): p for n, p in model.named_parameters()
                                                 if p.requires_grad})
+
+
+def _adapter_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The trained (adapter) parameters, whole, on the CPU; gathered from the shards under FSDP (every rank
+    must call it then)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

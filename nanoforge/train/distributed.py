@@ -232,14 +232,17 @@ def full_model_state(model: GPT, d: Dist) -> dict[str, torch.Tensor] | None:
     return {n: state[n].detach().contiguous().cpu() for n in stored_names(model)}
 
 
-def replica(model: GPT, d: Dist) -> GPT | None:
-    """A plain (unsharded) model on rank 0 for generation, None elsewhere; every rank must call it."""
+def replica(model: GPT, d: Dist, prepare: Callable[[GPT], Any] | None = None) -> GPT | None:
+    """A plain (unsharded) model on rank 0 for generation, None elsewhere; every rank must call it.
+    `prepare` gives the copy the sharded model's extra modules before the weights are loaded (LoRA layers)."""
     if not is_sharded(model):
         return model if d.main else None
     state = full_model_state(model, d)
     if state is None:
         return None
     copy = GPT(model.cfg)
+    if prepare is not None:
+        prepare(copy)
     copy.load_state_dict(state, strict=False)  # a tied weight comes back through the one it shares
     return copy.to(_device_of(model))
 
