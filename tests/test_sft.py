@@ -210,11 +210,14 @@ def test_lora_on_two_fsdp_ranks_trains_like_one_process_and_resumes_on_one(base_
     the adapter file is whole; the two ranks' checkpoint of step 2 resumes in one process to the same end."""
     flags = _sft_flags(base_model, chat_data, "--lora-rank", "4", "--set", "ckpt_every=2")
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*flags, "--out", str(one)]) == 0
-    _torchrun_sft([*flags, "--out", str(two), "--parallel", "fsdp"])
+    # replies scored at the end: under FSDP by rank 0's unsharded copy, which needs the adapters too
+    assert main([*flags, "--out", str(one), "--set", "answer_eval=2"]) == 0
+    _torchrun_sft([*flags, "--out", str(two), "--parallel", "fsdp", "--set", "answer_eval=2"])
     _assert_same_sft(one, two, "adapter_model.safetensors")
-    figures = json.loads((two / "manifest.json").read_text())["figures"]
-    assert figures["world_size"] == 2 and figures["trainable_params"] < figures["params"] / 5
+    figures = [json.loads((d / "manifest.json").read_text())["figures"] for d in (one, two)]
+    assert figures[1]["world_size"] == 2 and figures[1]["trainable_params"] < figures[1]["params"] / 5
+    replies = [[s["reply"] for s in f["answers"]["samples"]] for f in figures]
+    assert replies[1] == replies[0] != [s["reply"] for s in figures[0]["base_answers"]["samples"]]
 
     resumed = tmp_path / "resumed"  # as a kill after the checkpoint of step 2 would have left it
     shutil.copytree(two, resumed)
@@ -222,7 +225,7 @@ def test_lora_on_two_fsdp_ranks_trains_like_one_process_and_resumes_on_one(base_
     (resumed / "checkpoints" / "latest").write_text("step-0000002\n")
     for name in ("manifest.json", "adapter_model.safetensors", "adapter_config.json", "loss.png"):
         (resumed / name).unlink(missing_ok=True)
-    assert main([*flags, "--out", str(resumed), "--resume"]) == 0
+    assert main([*flags, "--out", str(resumed), "--resume", "--set", "answer_eval=2"]) == 0
     _assert_same_sft(one, resumed, "adapter_model.safetensors")
 
     # an int8 base is a tensor subclass that FSDP does not shard: a clear error before anything is written
