@@ -12,7 +12,7 @@
 #    graphs, the flash attention backend instead of cuDNN's, larger loss chunks, max-autotune (Triton
 #    matmuls with fused epilogues), Inductor's coordinate descent tuning (its compile took > 150 s);
 # 4. with TOKENS_DIR: `nanoforge pretrain --preset gpt2-124m` for 12 steps, one process (PARALLEL=fsdp or
-#    ddp: under torchrun on one GPU instead).
+#    ddp: under torchrun on one GPU instead; PRETRAIN_FLAGS: more flags, e.g. "--set compile_mode=…").
 # Each run has its own time limit and the script starts no run after BUDGET seconds (default 560), so one
 # call leaves room on a 15-minute device lease; what ran is in $OUT (session.log: everything printed;
 # JSON lines; the pretrain metrics) and the last lines printed are the summary. On an H100 (2026-11) the
@@ -66,7 +66,7 @@ if [ -n "$TOKENS" ]; then
     [ -n "${PARALLEL:-}" ] && launch=($PY -m torch.distributed.run --standalone --nproc-per-node 1)
     run "pretrain ${PARALLEL:-1 process}" timeout 240 "${launch[@]}" -m nanoforge pretrain --data "$TOKENS" \
         --out /tmp/nanoforge-gpu-pretrain --preset gpt2-124m ${PARALLEL:+--parallel $PARALLEL} --max-steps 12 \
-        --set eval_every=12 --set sample_every=12 --set ckpt_every=12
+        --set eval_every=12 --set sample_every=12 --set ckpt_every=12 ${PRETRAIN_FLAGS:-}
     cp /tmp/nanoforge-gpu-pretrain/metrics.jsonl "$OUT/pretrain_metrics.jsonl" 2>/dev/null
     cp /tmp/nanoforge-gpu-pretrain/manifest.json "$OUT/pretrain_manifest.json" 2>/dev/null
 fi

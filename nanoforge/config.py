@@ -63,6 +63,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto measures on CPU, bf16 on capable GPUs
     compile: bool | None = None  # torch.compile; None: on CUDA yes (it pays), on CPU no
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     device: str = "auto"  # auto | cpu | cuda
     # --- parallelism and memory (see train/distributed.py) ---
     parallel: str = "ddp"  # ddp | fsdp: how the ranks of a torchrun launch share the model
@@ -111,6 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 
@@ -154,6 +159,9 @@ def resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         raise NanoforgeError(f"pretrain: schedule must be 'cosine' or 'wsd', got {out.schedule!r}")
     if out.dtype not in ("auto", "fp32", "bf16"):
         raise NanoforgeError(f"pretrain: dtype must be auto, fp32 or bf16, got {out.dtype!r}")
+    if out.compile_mode not in COMPILE_MODES:
+        raise NanoforgeError(f"pretrain: compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                             f"got {out.compile_mode!r}")
     if out.parallel not in ("ddp", "fsdp"):
         raise NanoforgeError(f"pretrain: parallel must be ddp or fsdp, got {out.parallel!r}")
     if out.spike_factor < 0 or out.max_bad_steps < 1 or not 0 < out.rollback_lr_factor <= 1:

@@ -50,3 +50,23 @@ def test_every_preset_resolves():
     for name in PRESETS:
         cfg = resolve_pretrain(PretrainConfig(preset=name))
         assert cfg.batch_tokens % (cfg.batch_size * cfg.seq_len) == 0
+
+
+def test_compile_mode_is_checked_and_reaches_torch_compile(monkeypatch):
+    """`--set compile_mode=…` is one of torch.compile's modes (a clear error otherwise) and is what the
+    training model is compiled with."""
+    import torch
+
+    from nanoforge.model import GPT, ModelConfig
+    from nanoforge.train.distributed import Dist, parallelize
+
+    with pytest.raises(NanoforgeError, match="compile_mode must be one of default, reduce-overhead"):
+        resolve_pretrain(PretrainConfig(preset="cpu-tiny", compile_mode="fastest"))
+    assert resolve_pretrain(PretrainConfig(preset="cpu-tiny", compile_mode="reduce-overhead")).compile_mode == \
+        "reduce-overhead"
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    model = GPT(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_embd=16, n_head=2))
+    parallelize(model, Dist(), torch.device("cpu"), parallel="ddp", bf16=False, compile=True,
+                compile_mode="max-autotune-no-cudagraphs")
+    assert modes == ["max-autotune-no-cudagraphs"]

@@ -168,7 +168,7 @@ def checkpoint_activations(model: GPT) -> None:
 
 
 def parallelize(model: GPT, d: Dist, device: torch.device, *, parallel: str, bf16: bool,
-                compile: bool) -> nn.Module:
+                compile: bool, compile_mode: str = "default") -> nn.Module:
     """Wrap `model` for this run and return the module the training step calls.
 
     `model` stays the module that the optimizer, evaluation and state dicts use: under FSDP it is sharded
@@ -182,14 +182,14 @@ def parallelize(model: GPT, d: Dist, device: torch.device, *, parallel: str, bf1
             MixedPrecisionPolicy()
         for block in model.h:
             if compile:
-                block.compile()
+                block.compile(mode=compile_mode)
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
     wrapped: nn.Module = model
     if d.active:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(wrapped) if compile else wrapped
+    return torch.compile(wrapped, mode=compile_mode) if compile else wrapped
 
 
 def is_sharded(model: nn.Module) -> bool:

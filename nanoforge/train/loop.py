@@ -194,7 +194,9 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if cfg.activation_checkpointing:
         checkpoint_activations(model)
-    train_model = parallelize(model, d, device, parallel=cfg.parallel, bf16=dtype == "bf16", compile=compile_on)
+    train_model = parallelize(model, d, device, parallel=cfg.parallel, bf16=dtype == "bf16", compile=compile_on,
+                              compile_mode=cfg.compile_mode)
+    graphs = compile_on and cfg.compile_mode == "reduce-overhead"
     opt = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       device_type=device.type)
     guard = LossGuard(cfg.spike_factor, cfg.max_bad_steps, cfg.rollback_lr_factor)
@@ -257,6 +259,8 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with grad_sync(train_model, micro == accum - 1):
+                    if graphs:  # each micro-batch is a new run of the recorded graphs (their outputs reused)
+                        torch.compiler.cudagraph_mark_step_begin()
                     with autocast(device, dtype):
                         loss = train_model(x, y)
                     (loss / accum).backward()
