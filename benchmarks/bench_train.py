@@ -34,8 +34,11 @@ clipped, fused AdamW, torch.compile and bf16 autocast. Ours and `transformers`' 
 same shape (sdpa attention) run one after the other so each side's peak memory is its own; it prints
 tokens/s, MFU against the GPU's datasheet bf16 peak (`nanoforge.train.hardware`; nanoGPT and torchtitan
 report 45-55 % on A100/H100 for this size) and peak memory. `--sides ours` times ours alone (e.g. at
-`--batch 16`), `--kernels 20` prints where one of our optimizer steps spends its GPU time, `--cudagraphs`
-compiles both sides with CUDA graphs. benchmarks/gpu_session.sh runs all of it in one call.
+`--batch 16`), `--kernels 20` prints where one of our optimizer steps spends its GPU time (and how busy the
+GPU was), `--cudagraphs` compiles both sides with CUDA graphs (`--compile-mode` any other mode). Settings
+to compare before one becomes a default: `--inductor KEY=VALUE` (torch._inductor.config), `--sdpa` (one
+attention backend), `--loss-chunk-elements` (our loss's chunk size). benchmarks/gpu_session.sh runs all of
+it in one call.
 """
 
 from __future__ import annotations
