@@ -70,3 +70,6 @@ def test_compile_mode_is_checked_and_reaches_torch_compile(monkeypatch):
     parallelize(model, Dist(), torch.device("cpu"), parallel="ddp", bf16=False, compile=True,
                 compile_mode="max-autotune-no-cudagraphs")
     assert modes == ["max-autotune-no-cudagraphs"]
+    with pytest.raises(NanoforgeError, match="records CUDA graphs, which FSDP"):
+        parallelize(model, Dist(rank=0, world_size=2), torch.device("cpu"), parallel="fsdp", bf16=False,
+                    compile=True, compile_mode="reduce-overhead")

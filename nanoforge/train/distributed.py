@@ -178,6 +178,11 @@ def parallelize(model: GPT, d: Dist, device: torch.device, *, parallel: str, bf1
     if d.active and parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if compile and compile_mode in ("reduce-overhead", "max-autotune"):
+            raise NanoforgeError(f"compile_mode={compile_mode} records CUDA graphs, which FSDP's gathered "
+                                 f"weights (new memory at every step) do not allow; use max-autotune-no-cudagraphs "
+                                 f"or default under --parallel fsdp")
+
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for block in model.h:
