@@ -19,6 +19,7 @@ import platform
 import re
 import sys
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,16 @@ def _sanitize_process(names: list[str] | None = None) -> None:
     process renders from the same set of loaded modules, whichever modules it is handed."""
     global _ORIGINAL_HOME
     _ORIGINAL_HOME = os.path.expanduser("~")  # already baked into e.g. site.USER_BASE
+    # How the run was launched shows in pages such as sys's (sys.path, sys.modules, the importer cache) and
+    # rlcompleter's (the main module): a script's directory or the current one first on sys.path, the
+    # PYTHONPATH entries, `__main__` or spawn's `__mp_main__`. Those become the same for every launch.
+    launch = set(filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    if sys.path and not sys.path[0].startswith(os.path.join(sys.base_prefix, "lib")):
+        launch.add(sys.path[0])  # the script's directory, or "" / the cwd for -c and -m
+    sys.path[:] = [p for p in sys.path if p and p not in launch]
+    sys.path_importer_cache.clear()
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    sys.modules.pop("__mp_main__", None)
     os.environ.clear()
     os.environ.update(_CLEAN_ENV)
     sys.argv = ["python"]
