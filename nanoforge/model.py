@@ -515,12 +515,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def _dw_in_matmul(device: str, dtype: torch.dtype) -> bool:
     """Whether the loss's dw accumulates inside the matmul: eagerly on the devices of
-    `_DW_IN_MATMUL_DEVICES`, for bf16/fp16 chunks, where this torch has `addmm` with an fp32 `out_dtype`
-    (2.8 on). One cuBLAS call per chunk then reads and writes the fp32 accumulator in its epilogue, and the
-    chunks' products are summed in fp32. Otherwise each chunk's product is rounded to the matmul dtype and
-    added in a separate pass. Not under torch.compile: torch 2.11's fake-tensor rule for this `addmm`
-    fails (measured on an H100), and a compiled model sums the products in one fused kernel anyway."""
-    return (device in _DW_IN_MATMUL_DEVICES and dtype in (torch.bfloat16, torch.float16)
+    `_DW_IN_MATMUL_DEVICES`, for bf16 chunks (the dtype checked on an H100), where this torch has `addmm`
+    with an fp32 `out_dtype` (2.8 on). One cuBLAS call per chunk then reads and writes the fp32 accumulator
+    in its epilogue, and the chunks' products are summed in fp32. Otherwise each chunk's product is rounded
+    to the matmul dtype and added in a separate pass. Not under torch.compile: torch 2.11's fake-tensor
+    rule for this `addmm` fails (seen on an H100), and a compiled model sums the products in one fused
+    kernel anyway."""
+    return (device in _DW_IN_MATMUL_DEVICES and dtype == torch.bfloat16
             and not torch.compiler.is_compiling() and hasattr(torch.ops.aten.addmm, "dtype"))
 
 
