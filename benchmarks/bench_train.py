@@ -189,7 +189,7 @@ def make_step(
 
     def step() -> torch.Tensor:
         for micro in range(accum):
-            if mode == "reduce-overhead":  # a new run of the recorded CUDA graphs
+            if mode in ("reduce-overhead", "max-autotune"):  # a new run of the recorded CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 xm, ym = xs[micro], ys[micro]

@@ -87,11 +87,11 @@ def pair_logprobs(model: GPT, pairs: Sequence[Pair], pad_id: int, device: torch.
 
 
 @torch.no_grad()
-def reference_logprobs(ref: GPT, pairs: Sequence[Pair], pad_id: int, device: torch.device,
-                       batch_size: int, d: Dist) -> Tensor:
-    """(N, 2) reference log-probabilities (chosen, rejected) of every pair, on every rank; under torchrun
-    each rank computes its share."""
-    return rows_across_ranks(lambda part: torch.stack(pair_logprobs(ref, part, pad_id, device)[:2], dim=1),
+def all_pair_logprobs(model: GPT, pairs: Sequence[Pair], pad_id: int, device: torch.device,
+                      batch_size: int, d: Dist) -> Tensor:
+    """(N, 2) log-probabilities (chosen, rejected) of every pair under `model` (the reference, or the policy
+    for evaluation), on every rank; under torchrun each rank computes its share."""
+    return rows_across_ranks(lambda part: torch.stack(pair_logprobs(model, part, pad_id, device)[:2], dim=1),
                              pairs, batch_size, 2, d, device)
 
 
@@ -110,7 +110,7 @@ def evaluate_dpo(policy: GPT, pairs: Sequence[Pair], ref_logps: Tensor, cfg: DPO
         return {}
     was = policy.training
     policy.eval()
-    logps = reference_logprobs(policy, pairs, pad_id, device, cfg.eval_batch_size, d)
+    logps = all_pair_logprobs(policy, pairs, pad_id, device, cfg.eval_batch_size, d)
     policy.train(was)
     _, c, r = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
     return _metrics(-F.logsigmoid(c - r).mean(), c, r, prefix="val_")
@@ -137,11 +137,11 @@ def _dpo(cfg: DPOConfig, model_dir: Path, prefs: Path, out: Path, resume: bool, 
 
     ref = load_model_artifact(model_dir, device)
     ref.requires_grad_(False)
-    ref_val = reference_logprobs(ref, val, tok.pad_id, device, cfg.eval_batch_size, d)
+    ref_val = all_pair_logprobs(ref, val, tok.pad_id, device, cfg.eval_batch_size, d)
     ref_train = None
     if cfg.precompute_ref:
         t0 = time.perf_counter()
-        ref_train = reference_logprobs(ref, train, tok.pad_id, device, cfg.eval_batch_size, d)
+        ref_train = all_pair_logprobs(ref, train, tok.pad_id, device, cfg.eval_batch_size, d)
         if d.main:
             info(f"dpo: reference log-probabilities of {len(train) + len(val)} pairs in "
                  f"{time.perf_counter() - t0:.1f}s")

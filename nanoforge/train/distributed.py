@@ -137,8 +137,7 @@ def gather_strided(local: torch.Tensor, n: int, d: Dist) -> torch.Tensor:
     per = -(-n // d.world_size)
     block = local.new_zeros((per, *local.shape[1:]))
     block[: local.shape[0]] = local
-    on_gpu = block.device.type != "cuda" and dist.get_backend() == "nccl"  # NCCL gathers GPU tensors only
-    if on_gpu:
+    if block.device.type != "cuda" and dist.get_backend() == "nccl":  # NCCL gathers GPU tensors only
         block = block.to(torch.device("cuda", torch.cuda.current_device()))
     blocks = [torch.empty_like(block) for _ in range(d.world_size)]
     dist.all_gather(blocks, block)

@@ -196,7 +196,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
         checkpoint_activations(model)
     train_model = parallelize(model, d, device, parallel=cfg.parallel, bf16=dtype == "bf16", compile=compile_on,
                               compile_mode=cfg.compile_mode)
-    graphs = compile_on and cfg.compile_mode == "reduce-overhead"
+    graphs = compile_on and cfg.compile_mode in ("reduce-overhead", "max-autotune")  # the modes with CUDA graphs
     opt = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       device_type=device.type)
     guard = LossGuard(cfg.spike_factor, cfg.max_bad_steps, cfg.rollback_lr_factor)
