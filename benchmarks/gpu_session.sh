@@ -50,7 +50,7 @@ bench() {  # bench NAME LIMIT ARGS...: one bench_train.py --gpu run, if the budg
     run "$name" timeout "$limit" $PY benchmarks/bench_train.py --gpu "$@"
 }
 run "tests/test_model.py" timeout 180 $PY -m pytest -q -x -p no:cacheprovider --noconftest tests/test_model.py \
-    -k each_device
+    -k "each_device and cuda"
 bench "gpt2-124m" 150 --kernels 30 --out "$OUT/bench_train.jsonl"
 if [ -n "${BASELINE_TREE:-}" ]; then
     PYTHONPATH="$BASELINE_TREE" bench "baseline" 90 --sides ours --out "$OUT/bench_train_baseline.jsonl"
