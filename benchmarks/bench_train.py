@@ -453,19 +453,20 @@ def experiment_knobs(args: argparse.Namespace) -> dict[str, object]:
         value: object = {"1": True, "true": True, "0": False, "false": False}.get(raw.lower(), raw)
         if isinstance(value, str) and value.isdigit():
             value = int(value)
-        target, *path = key.split(".")
+        *parents, leaf = key.split(".")  # e.g. triton.cudagraphs
         obj = torch._inductor.config
-        for part in [target, *path][:-1]:
-            obj = getattr(obj, part)
-        if not hasattr(obj, key.split(".")[-1]):
+        for part in parents:
+            obj = getattr(obj, part, None)
+        if obj is None or not hasattr(obj, leaf):
             raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
-        setattr(obj, key.split(".")[-1], value)
+        setattr(obj, leaf, value)
         knobs[f"inductor.{key}"] = value
     if args.sdpa is not None:
-        for name in ("cudnn", "flash", "efficient"):
-            getattr(torch.backends.cuda, f"enable_{name}_sdp" if name != "efficient" else "enable_mem_efficient_sdp")(
-                name == args.sdpa)
-        torch.backends.cuda.enable_math_sdp(False)
+        backends = {"cudnn": torch.backends.cuda.enable_cudnn_sdp, "flash": torch.backends.cuda.enable_flash_sdp,
+                    "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+                    "math": torch.backends.cuda.enable_math_sdp}
+        for name, enable in backends.items():
+            enable(name == args.sdpa)
         knobs["sdpa"] = args.sdpa
     if args.loss_chunk_elements is not None:
         model_module._LOSS_CHUNK_ELEMENTS["default"] = args.loss_chunk_elements

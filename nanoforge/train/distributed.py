@@ -116,15 +116,20 @@ def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return _all_reduce(t, d, dist.ReduceOp.MAX)
 
 
+def _on_collective_device(t: torch.Tensor) -> torch.Tensor:
+    """`t` where this process group's collectives can take it: NCCL takes GPU tensors only."""
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
 def _all_reduce(t: torch.Tensor, d: Dist, op: dist.ReduceOp) -> torch.Tensor:
     if not d.active:
         return t
-    if t.device.type != "cuda" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
-        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_gpu, op=op)
-        t.copy_(on_gpu)
-    else:
-        dist.all_reduce(t, op=op)
+    moved = _on_collective_device(t)
+    dist.all_reduce(moved, op=op)
+    if moved is not t:
+        t.copy_(moved)
     return t
 
 
@@ -137,8 +142,7 @@ def gather_strided(local: torch.Tensor, n: int, d: Dist) -> torch.Tensor:
     per = -(-n // d.world_size)
     block = local.new_zeros((per, *local.shape[1:]))
     block[: local.shape[0]] = local
-    if block.device.type != "cuda" and dist.get_backend() == "nccl":  # NCCL gathers GPU tensors only
-        block = block.to(torch.device("cuda", torch.cuda.current_device()))
+    block = _on_collective_device(block)
     blocks = [torch.empty_like(block) for _ in range(d.world_size)]
     dist.all_gather(blocks, block)
     full = local.new_empty((n, *local.shape[1:]))
