@@ -99,6 +99,10 @@ def test_replies_stream_the_models_greedy_tokens(cm: ChatModel) -> None:
     expected = generate(cm.model, [prompt], max_new_tokens=10, temperature=0, stop_tokens=cm.chat_stop)[0]
     assert stdout.getvalue() == cm.tok.decode(expected) + "\n"
     assert stdout.writes > 2  # piece by piece, as the tokens were decoded
+    step = cm.decoder.step  # the chat's decode step is prepared once, then kept for every later turn
+    assert step is not None
+    chat(cm, ChatConfig(temperature=0, max_new_tokens=10), io.StringIO("And heapq.merge?\n"), Writes(), io.StringIO())
+    assert cm.decoder.step is step and cm.batch(2)._decoder is cm.decoder
 
 
 def test_oldest_turns_are_dropped_when_the_context_is_full(cm: ChatModel) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import CpuDecodeStep, _DecodeStep, _draw, generate, stream
+from nanoforge.infer.engine import CpuDecodeStep, Decoder, _DecodeStep, _draw, generate, stream
 from nanoforge.model import GPT, KVCache, ModelConfig
 
 V, T = 61, 48
@@ -79,6 +79,28 @@ def test_cpu_float32_models_take_the_compiled_step_and_bf16_the_torch_step(monke
     assert built == [CpuDecodeStep]
     out = generate(m.to(torch.bfloat16), PROMPTS, max_new_tokens=3, temperature=0.0)
     assert built == [CpuDecodeStep, _DecodeStep] and [len(o) for o in out] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_kept_decoder_prepares_the_weights_once_and_holds_no_cache_between_calls(monkeypatch, dtype) -> None:
+    """One `Decoder` across generate/stream calls (a chat's turns, an evaluation's batches) builds its step
+    once and gives every call's tokens unchanged; between calls it keeps the weights, not the last cache."""
+    built = []
+    for cls in (CpuDecodeStep, _DecodeStep):
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=cls.__init__, **k: built.append(type(self))
+                            or _init(self, *a, **k))
+    m = model_of("gpt2").to(dtype)
+    sampling = dict(max_new_tokens=9, temperature=0.9, top_k=20, seed=3, stop_tokens=[17])
+    fresh = [generate(m, PROMPTS, **sampling), generate(m, PROMPTS[1:], **sampling),
+             list(stream(m, PROMPTS[0], **sampling))]
+    assert len(built) == 3
+    decoder = Decoder(m)
+    kept = [generate(m, PROMPTS, **sampling, decoder=decoder), generate(m, PROMPTS[1:], **sampling, decoder=decoder),
+            list(stream(m, PROMPTS[0], **sampling, decoder=decoder))]
+    assert kept == fresh and len(built) == 4
+    assert decoder.step.cache is None and decoder.step.k is None  # the last call's KV cache is not kept alive
+    with pytest.raises(NanoforgeError, match="another model"):
+        generate(model_of("gpt2"), PROMPTS, max_new_tokens=2, decoder=decoder)
 
 
 def test_hooks_and_adapters_are_not_bypassed() -> None:

@@ -33,7 +33,7 @@ import torch
 from nanoforge.artifacts import atomic_dir, atomic_write_json, write_manifest
 from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import generate
+from nanoforge.infer.engine import Decoder, generate
 from nanoforge.model import GPT
 from nanoforge.tokenizer import Tokenizer
 
@@ -131,15 +131,17 @@ def arithmetic_scores(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict[str, 
     prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for p in problems]
     stop = (tok.special_id("assistant_end"), tok.bos_id)
     greedy = []
+    decoder = Decoder(model)  # fixed weights over every batch and sample: the decode step is prepared once
     for i in range(0, len(prompts), cfg.batch_size):
         greedy += generate(model, prompts[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                           stop_tokens=stop)
+                           stop_tokens=stop, decoder=decoder)
     correct = [task.score(tok.decode(o), p)["correct"] for o, p in zip(greedy, problems, strict=True)]
     hits = [0] * len(problems)
     for k in range(cfg.pass_k):
         for i in range(0, len(prompts), cfg.batch_size):
             outs = generate(model, prompts[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.sample_temperature, stop_tokens=stop, seed=cfg.seed + 1000 * k + i)
+                            temperature=cfg.sample_temperature, stop_tokens=stop, seed=cfg.seed + 1000 * k + i,
+                            decoder=decoder)
             for j, o in enumerate(outs):
                 hits[i + j] += int(task.score(tok.decode(o), problems[i + j])["correct"] > 0)
     return {"arithmetic_acc": sum(correct) / len(correct),
@@ -151,9 +153,10 @@ def _replies(model: GPT, tok: Tokenizer, chats: list[dict[str, Any]], cfg: EvalC
     prompts = [tok.render_prompt(c["messages"][:-1]) for c in chats]
     stop = (tok.special_id("assistant_end"), tok.bos_id)
     out: list[str] = []
+    decoder = Decoder(model)
     for i in range(0, len(prompts), cfg.batch_size):
         out += [tok.decode(o) for o in generate(model, prompts[i:i + cfg.batch_size], temperature=0.0,
-                                                max_new_tokens=cfg.max_new_tokens, stop_tokens=stop)]
+                                                max_new_tokens=cfg.max_new_tokens, stop_tokens=stop, decoder=decoder)]
     return out
 
 

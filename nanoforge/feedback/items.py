@@ -101,7 +101,7 @@ def sample_pairs(cm: ChatModel, prompts: list[PromptRecord], cfg: LabelConfig) -
             with torch.inference_mode():
                 outs = generate(cm.model, [ids for _, ids in part], max_new_tokens=cfg.max_new_tokens,
                                 temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_tokens=cm.chat_stop,
-                                seed=seed)
+                                seed=seed, decoder=cm.decoder)
             settings = {"model": cm.name, "temperature": temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
                         "max_new_tokens": cfg.max_new_tokens, "seed": seed}
             sides.append([(cm.tok.decode(o), {**settings, "row": row}) for row, o in enumerate(outs)])

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import CpuDecodeStep, _check, _DecodeStep, _plain, _sample, prefill
+from nanoforge.infer.engine import Decoder, _check, _sample, prefill
 from nanoforge.model import GPT, KVCache
 
 
@@ -51,7 +51,7 @@ class ContinuousBatch:
     """A running batch of sequences over one KV cache; see the module docstring. Not thread-safe: one thread
     calls `add`, `cancel` and `step` (the server's generation worker)."""
 
-    def __init__(self, model: GPT, max_batch: int = 16) -> None:
+    def __init__(self, model: GPT, max_batch: int = 16, decoder: Decoder | None = None) -> None:
         if max_batch < 1:
             raise NanoforgeError(f"serve: --max-batch must be >= 1, got {max_batch}")
         self.model, self.cfg, self.max_batch = model.eval(), model.cfg, max_batch
@@ -60,8 +60,9 @@ class ContinuousBatch:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []  # row i of the cache is running[i]
         self.cache: KVCache | None = None
-        self._step: _DecodeStep | CpuDecodeStep | None = None
-        self._fast = _plain(model)
+        if decoder is not None and decoder.model is not model:
+            raise NanoforgeError("serve: the decoder was made for another model")
+        self._decoder = decoder or Decoder(model)  # the weights stay fixed while the server runs: prepared once
         self._cancelled: set[int] = set()
         self._ended: list[int] = []  # added with no room to generate: reported at the next step
         self._next = 0
@@ -127,14 +128,7 @@ class ContinuousBatch:
     # ---- internals
 
     def _decode(self, tokens: Tensor) -> Tensor:
-        if not self._fast:  # adapters, hooks: through the modules
-            return self.model(tokens[:, None], kv_cache=self.cache)[:, -1]
-        if self._step is None:
-            cpu_f32 = self.device.type == "cpu" and self.dtype == torch.float32
-            self._step = (CpuDecodeStep if cpu_f32 else _DecodeStep)(self.model, self.cache)
-        elif self._step.cache is not self.cache:
-            self._step.bind(self.cache)
-        return self._step(tokens)
+        return self._decoder(tokens, self.cache)
 
     def _emit(self, seqs: list[_Seq], logits: Tensor, events: list[tuple[int, int | None]]) -> None:
         """Sample each sequence's next token with its own settings; record what it emits or that it ended."""
@@ -162,10 +156,10 @@ class ContinuousBatch:
         self.running = [self.running[i] for i in rows]
         if not rows:
             self.cache = None
+            self._decoder.release()  # the ended batch's cache is freed; the prepared weights stay
         else:
             self.cache.select(rows)
-            if self._step is not None and self._step.cache is self.cache:
-                self._step.refresh()
+            self._decoder.refresh(self.cache)
 
     def _merge(self, cache: KVCache, seqs: list[_Seq], rows: list[int]) -> None:
         """Append rows `rows` of a freshly prefilled `cache` (sequences `seqs`) to the running batch, in one

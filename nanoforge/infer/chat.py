@@ -23,7 +23,7 @@ from typing import TextIO
 
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.batching import ContinuousBatch
-from nanoforge.infer.engine import stream
+from nanoforge.infer.engine import Decoder, stream
 from nanoforge.model import GPT
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.train.checkpoint import load_model_artifact
@@ -66,6 +66,8 @@ class ChatModel:
             raise NanoforgeError(f"{name}: the tokenizer has {tok.vocab_size} tokens but the model only "
                                  f"{model.cfg.vocab_size} (not the tokenizer it was trained with)")
         self.model, self.tok, self.name = model, tok, name
+        # the weights stay fixed while a ChatModel serves: the decode step is prepared once, at the first reply
+        self.decoder = Decoder(model)
         # a chat reply ends at the end of its turn, or at a document boundary for a base model
         self.chat_stop = (tok.special_id("assistant_end"), tok.bos_id)
         self.text_stop = (tok.bos_id,)
@@ -94,12 +96,12 @@ class ChatModel:
         """The reply's token ids, each as soon as it is sampled (the stop token is not yielded)."""
         return stream(self.model, prompt, max_new_tokens=sampling.max_new_tokens,
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                      stop_tokens=stop_tokens, seed=sampling.seed)
+                      stop_tokens=stop_tokens, seed=sampling.seed, decoder=self.decoder)
 
 
     def batch(self, max_batch: int) -> ContinuousBatch:
         """A continuous batch over this model (what `nanoforge serve` decodes concurrent requests with)."""
-        return ContinuousBatch(self.model, max_batch)
+        return ContinuousBatch(self.model, max_batch, decoder=self.decoder)
 
 
 class TextStream:

@@ -21,8 +21,10 @@ are prepared once, each layer writes its cache slot in place, and the sampled to
   torch ops, which at batch 1 leaves the step bound by the weights' memory traffic.
 - `_DecodeStep` (GPUs, bf16): the same math as torch ops, residual additions riding on `addmm`.
 A model whose modules are not plain `nn.Linear`/norm layers (LoRA adapters, FSDP, hooks) takes
-`GPT.forward` for every step instead. tests/test_engine.py proves every path gives the tokens of
-recomputing from scratch; benchmarks/bench_generate.py measures them against `transformers`.
+`GPT.forward` for every step instead. Preparing a step copies the weights on a CPU; a `Decoder` keeps it
+across calls for callers whose weights stay fixed (chat turns, evaluation batches, the server).
+tests/test_engine.py proves every path gives the tokens of recomputing from scratch;
+benchmarks/bench_generate.py measures them against `transformers`.
 
 Context limit: prompt + generated tokens never exceed `cfg.seq_len`. A sequence that reaches it simply
 stops (its output is shorter than `max_new_tokens`); a prompt of `seq_len` tokens or more is refused with
@@ -56,12 +58,15 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
     use_cache: bool = True,
+    decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """The generated tokens of each prompt (stop token excluded). `temperature=0` is greedy decoding;
     `seed` makes sampling reproducible. `use_cache=False` recomputes every sequence from scratch at each
-    step: slow, it is the reference the cached path is tested against (same tokens, same random draws)."""
+    step: slow, it is the reference the cached path is tested against (same tokens, same random draws).
+    `decoder`: a `Decoder(model)` kept across calls while the weights stay fixed (see `Decoder`)."""
     outs: list[list[int]] = [[] for _ in prompts]
-    for emitted in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache):
+    for emitted in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache,
+                           decoder):
         for row, token in emitted:
             outs[row].append(token)
     return outs
@@ -78,12 +83,14 @@ def stream(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
     use_cache: bool = True,
+    decoder: Decoder | None = None,
 ) -> Iterator[int]:
     """The tokens `generate` would return for this one prompt, each yielded as soon as it is sampled.
 
     The model stays in eval mode until the iterator is exhausted or closed; autograd is off only inside
     each step, never while the caller's code runs between tokens."""
-    steps = _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache)
+    steps = _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, use_cache,
+                    decoder)
     try:
         for emitted in steps:
             for _, token in emitted:
@@ -102,10 +109,15 @@ def _decode(
     stop_tokens: Sequence[int],
     seed: int | None,
     use_cache: bool,
+    decoder: Decoder | None,
 ) -> Iterator[list[tuple[int, int]]]:
     """Yields, per decoding step, the (prompt index, token) pairs emitted by the still-active sequences."""
     cfg = model.cfg
     _check(cfg.vocab_size, cfg.seq_len, prompts, max_new_tokens, temperature, top_k, top_p)
+    if decoder is None:
+        decoder = Decoder(model)
+    elif decoder.model is not model:
+        raise NanoforgeError("generate: the decoder was made for another model")
     param = next(model.parameters())
     generator = None
     if seed is not None:
@@ -123,8 +135,6 @@ def _decode(
         with torch.inference_mode():
             if use_cache:
                 cache, logits = prefill(model, [prompts[i] for i in active], max(budget))
-                fast, step = _plain(model), None  # the decode step is built at its first use
-                cpu_f32 = param.device.type == "cpu" and param.dtype == torch.float32
             else:
                 seqs = {i: list(prompts[i]) for i in active}
                 logits = _full_logits(model, [seqs[i] for i in active], param.device)
@@ -150,11 +160,8 @@ def _decode(
                 if use_cache:
                     if len(keep) < len(active):
                         cache.select(keep)
-                        if step is not None:
-                            step.refresh()
-                    if fast and step is None:
-                        step = (CpuDecodeStep if cpu_f32 else _DecodeStep)(model, cache)
-                    logits = step(sampled) if fast else model(sampled[:, None], kv_cache=cache)[:, -1]
+                        decoder.refresh(cache)
+                    logits = decoder(sampled, cache)
                 else:
                     for row, token in zip([active[j] for j in keep], tokens, strict=True):
                         seqs[row].append(token)
@@ -164,6 +171,7 @@ def _decode(
                 tokens = sampled.tolist()
     finally:
         model.train(was_training)
+        decoder.release()
 
 
 def prefill(model: GPT, prompts: list[list[int]], room: int) -> tuple[KVCache, Tensor]:
@@ -175,6 +183,47 @@ def prefill(model: GPT, prompts: list[list[int]], room: int) -> tuple[KVCache, T
     idx = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=param.device)
     cache = KVCache(len(prompts), longest + room, model.cfg, param.device, param.dtype, pad=pad)
     return cache, model(idx, kv_cache=cache, last_only=True)[:, -1]
+
+
+class Decoder:
+    """One model's decode step, kept across `generate`/`stream` calls (their `decoder=`) and cache changes.
+
+    `decoder(tokens, cache)` is `model(tokens[:, None], kv_cache=cache)[:, -1]`: through `_DecodeStep` or
+    `CpuDecodeStep`, built at the first call, where the model is plain (`_plain`), else through the modules.
+    Building a step copies the weight matrices on a CPU (transposed, see the module docstring): for
+    gpt2-124m 0.4 s, as long as a dozen decode steps there. A caller whose weights stay fixed between calls
+    (a chat's turns, an evaluation's batches, the server's requests) keeps one `Decoder` and pays that once.
+    Weights that change (training between two generations) need a new `Decoder`: on a CPU the step decodes
+    from its copies, and in-place optimizer updates leave no trace to check (fused AdamW does not even bump
+    the parameters' version counters). `generate` and `stream` without `decoder=` build their own per call.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        self.fast = _plain(model)
+        self.step: _DecodeStep | CpuDecodeStep | None = None
+
+    def __call__(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """tokens (B,) -> next-token logits (B, V) float32; advances `cache` by one slot."""
+        if not self.fast:  # adapters, hooks: through the modules
+            return self.model(tokens[:, None], kv_cache=cache)[:, -1]
+        if self.step is None:
+            param = next(self.model.parameters())
+            cpu_f32 = param.device.type == "cpu" and param.dtype == torch.float32
+            self.step = (CpuDecodeStep if cpu_f32 else _DecodeStep)(self.model, cache)
+        elif self.step.cache is not cache:
+            self.step.bind(cache)
+        return self.step(tokens)
+
+    def refresh(self, cache: KVCache) -> None:
+        """`cache` dropped rows (`cache.select`): re-derive the step's views of it if it decodes into it."""
+        if self.step is not None and self.step.cache is cache:
+            self.step.refresh()
+
+    def release(self) -> None:
+        """Forget the cache decoded into last (its memory goes with it); the prepared weights stay."""
+        if self.step is not None:
+            self.step.release()
 
 
 def _plain(model: GPT) -> bool:
@@ -227,6 +276,10 @@ class _DecodeStep:
         """Decode into another cache (of the same model) from now on; the prepared weights are kept."""
         self.cache = cache
         self.refresh()
+
+    def release(self) -> None:
+        """Drop every reference to the cache until the next `bind`."""
+        self.cache = self.k = self.v = self.mask = None
 
     def refresh(self) -> None:
         """Re-derive what depends on the cache's rows (after `cache.select`)."""
@@ -340,6 +393,11 @@ class CpuDecodeStep:
         self.refresh()
 
     bind = _DecodeStep.bind
+
+    def release(self) -> None:
+        """Drop every reference to the cache (and the batch-sized buffers) until the next `bind`."""
+        self.cache = self.k = self.v = self.pad = None
+        self.x = self.h = self.qkv = self.y = self.fc = self.act = None
 
     def refresh(self) -> None:
         """Re-derive what depends on the cache's rows (after `cache.select`): views and scratch buffers."""

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from nanoforge.artifacts import write_manifest
 from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import generate
+from nanoforge.infer.engine import Decoder, generate
 from nanoforge.model import GPT
 from nanoforge.post.rewards import RewardWeights
 from nanoforge.post.tasks import Problem, Task, get_task
@@ -258,9 +258,10 @@ def heldout_scores(model: GPT, tok: Tokenizer, task: Task, problems: list[Proble
     mine = problems[d.rank::d.world_size]
     end = tok.special_id("assistant_end")
     replies: list[str] = []
+    decoder = Decoder(model)  # fixed weights over the chunks: the decode step is prepared once
     for i in range(0, len(mine), chunk):
         outs = generate(model, [render_prompt(tok, p) for p in mine[i:i + chunk]], max_new_tokens=max_new_tokens,
-                        temperature=0.0, stop_tokens=(end,))
+                        temperature=0.0, stop_tokens=(end,), decoder=decoder)
         replies += [tok.decode(o) for o in outs]
     scores = [task.score(r, p) for r, p in zip(replies, mine, strict=True)]
     names = ("correct", "format")

@@ -45,7 +45,7 @@ import torch
 from nanoforge.artifacts import atomic_dir, write_manifest
 from nanoforge.data.documents import iter_documents
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import generate
+from nanoforge.infer.engine import Decoder, generate
 from nanoforge.model import GPT
 from nanoforge.post.rewards import extract_answer
 from nanoforge.post.tasks import get_task
@@ -419,9 +419,11 @@ def evaluate_answers(model: GPT, tok: Tokenizer, chats: Sequence[Chat], *, max_n
             items.append((prompt, messages[-1]["content"], chat.get("subset", "all"), messages[-2]["content"]))
     stop = (tok.special_id("assistant_end"), tok.bos_id)
     replies: list[str] = []
+    decoder = Decoder(model)  # the weights are fixed over the batches: the decode step is prepared once
     for i in range(0, len(items), batch_size):
         batch = [p for p, *_ in items[i : i + batch_size]]
-        outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop)
+        outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop,
+                        decoder=decoder)
         replies += [tok.decode(o) for o in outs]
     rows = [(subset, exact_match(r, ref), answer_f1(r, ref)) for r, (_, ref, subset, _) in zip(replies, items,
                                                                                                  strict=True)]
