@@ -64,15 +64,8 @@ from tqdm import tqdm
 from nanoforge.artifacts import atomic_dir, write_manifest
 from nanoforge.console import info
 from nanoforge.data.documents import Document, iter_documents, write_document_shards
-from nanoforge.data.sources import (
-    DAMAGE_REASONS,
-    RawRecord,
-    ReadTask,
-    SkipCounter,
-    find_inputs,
-    iter_task_records,
-    plan_tasks,
-)
+from nanoforge.data.records import DAMAGE_REASONS, RawRecord, SkipCounter
+from nanoforge.data.sources import ReadTask, find_inputs, iter_task_records, plan_tasks
 from nanoforge.errors import NanoforgeError
 
 EXTRACTORS = ("resiliparse", "trafilatura")
