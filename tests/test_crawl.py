@@ -233,16 +233,19 @@ def test_off_domain_links_are_not_followed_unless_allowed(make_site, tmp_path):
 def test_non_html_is_skipped(make_site, tmp_path):
     png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b'<a href="/hidden">' * 10
     site = make_site({
-        "/": page("/photo.JPG", "/style.css?v=2", "/report", "/lying", "/fine"),
+        "/": page("/photo.JPG", "/style.css?v=2", "/report", "/lying", "/fine", "/stray"),
         "/report": lambda r: web.Response(body=b"%PDF-1.4" + b"\0" * 5000, content_type="application/pdf"),
         "/lying": lambda r: web.Response(body=png, content_type="text/html"),
         "/fine": page(), "/hidden": page(),
+        # one stray control byte in an old page: still a page, by the rule extract reads WARC records with
+        "/stray": lambda r: web.Response(body=b"<html><body>A legacy\x0b page, kept.</body></html>",
+                                         content_type="text/html"),
     })
     figures = run(site, tmp_path / "out")
-    assert site.count() == {"/robots.txt": 1, "/": 1, "/report": 1, "/lying": 1, "/fine": 1}
+    assert site.count() == {"/robots.txt": 1, "/": 1, "/report": 1, "/lying": 1, "/fine": 1, "/stray": 1}
     assert figures["skipped"]["non-html-extension"] == 2
     assert figures["skipped"]["non-html-type"] == 1 and figures["skipped"]["binary-body"] == 1
-    assert figures["pages"] == 2
+    assert figures["pages"] == 3
     (status, headers, payload), = responses(tmp_path / "out")[site.url("/report")]
     assert status == 200 and payload == b"" and headers.get_header("WARC-Truncated") == "unspecified"
 

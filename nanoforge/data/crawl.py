@@ -38,13 +38,13 @@ from yarl import URL
 
 from nanoforge.artifacts import MANIFEST, write_manifest
 from nanoforge.console import info
+from nanoforge.data.warc import looks_binary
 from nanoforge.data.warcstore import CrawlStats, Exchange, WarcStore, recover, warc_records
 from nanoforge.data.weblinks import (
     charset_of,
     extract_links,
     has_non_html_extension,
     in_domains,
-    looks_binary,
     normalize_cached,
     normalize_url,
     origin_of,
@@ -418,7 +418,8 @@ class _Crawler:
         """A 2xx answer to a page request: "page", or why it is not one."""
         if ex.truncated == "unspecified" or (ex.content_type is None and not ex.body.lstrip().startswith(b"<")):
             return "non-html-type"
-        if looks_binary(ex.body):  # the Content-Type said HTML; the bytes say otherwise
+        # the Content-Type said HTML; the bytes say otherwise (extract's rule: what is kept here is read there)
+        if looks_binary(ex.body):
             return "binary-body"
         return "truncated" if ex.truncated else "page"
 

@@ -1,5 +1,5 @@
 """URLs and links for the crawler (`nanoforge.data.crawl`): its URL key, scope tests, and what it reads in
-a fetched page (links, <base href>, sitemap <loc>s, the charset, whether "HTML" bytes are binary)."""
+a fetched page (links, <base href>, sitemap <loc>s, the charset)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ NON_HTML_EXTENSIONS = frozenset(
     "mkv mov mp3 mp4 mpeg mpg msi odt ogg otf pdf png ppt pptx ps rar rpm rss svg swf tar tgz tif tiff ttf txt wav "
     "webm webp wmv woff woff2 xls xlsx xml xz zip".split()
 )
-# WHATWG MIME sniffing's "binary data bytes": text never has them, so an "HTML" body that does is not HTML.
-_BINARY_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C, 0x20)])
 _HAS_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:")
 _SITEMAP_LOC = re.compile(rb"<loc>\s*(.*?)\s*</loc>", re.S | re.I)
 
@@ -117,13 +115,6 @@ def extract_links(body: bytes, charset: str, url: str) -> tuple[list[str], str]:
     parser.feed(body.decode(charset, errors="replace"))
     parser.close()
     return parser.links, urljoin(url, parser.base) if parser.base else url
-
-
-def looks_binary(body: bytes) -> bool:
-    head = body[:1024]
-    if head.startswith((b"\xfe\xff", b"\xff\xfe", b"\xef\xbb\xbf")):  # UTF-16/UTF-8 byte order marks: text
-        return False
-    return len(head.translate(None, _BINARY_BYTES)) != len(head)
 
 
 def sitemap_locs(body: bytes, max_bytes: int) -> tuple[list[str], bool]:
