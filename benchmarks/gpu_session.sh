@@ -64,7 +64,7 @@ bench "micro-batch 64, loss chunks of 2^29" 80 "${b64[@]}" --loss-chunk-elements
 bench "micro-batch 32, CUDA graphs" 150 --batch 32 --sides ours --out "$OUT/bench_train.jsonl" --cudagraphs
 if [ "$(left)" -ge 120 ]; then
     run "tests/test_model.py" timeout "$(( $(left) < 180 ? $(left) : 180 ))" $PY -m pytest -q -x -p no:cacheprovider \
-        --noconftest tests/test_model.py -k "each_device and cuda"
+        --noconftest tests/test_model.py -k "each_device and cuda"  # the loss, the compiled model, batches
 else
     summary+=("tests/test_model.py: not run, $(left) s left")
 fi

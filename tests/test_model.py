@@ -242,6 +242,17 @@ def test_compiled_model_gives_the_eager_loss_and_gradients_on_each_device(
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_training_batches_reach_each_device_whole(device: str) -> None:
+    """`to_device` (pretrain's and SFT's host-to-device copy; on a GPU queued from pinned memory) delivers
+    every token, also when the next batch is made before the copy has run."""
+    from nanoforge.train.loop import to_device
+
+    batches = [torch.randint(0, 50304, (32, 1024), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    moved = [to_device(b, device) for b in batches]
+    assert all(m.device.type == device and torch.equal(m.cpu(), b) for m, b in zip(moved, batches, strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_linear_cross_entropy_on_each_device(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     """LinearCrossEntropy on this machine's devices (on a GPU: the compiled fused chunk over a padded odd
     vocabulary, in 3 chunks of two shapes) gives the loss and gradients of the plain path under bf16."""

@@ -67,7 +67,7 @@ from nanoforge.train.distributed import (
     run_then_close,
 )
 from nanoforge.train.faults import StopRequest, TrainingStopped
-from nanoforge.train.loop import autocast, choose_dtype
+from nanoforge.train.loop import autocast, choose_dtype, to_device
 from nanoforge.train.metrics import MetricsLog, plot_losses
 from nanoforge.train.optim import build_adamw
 from nanoforge.train.schedule import lr_at
@@ -411,8 +411,8 @@ def _sft(cfg: SFTConfig, model_dir: Path, data: list[Path], val_files: list[Path
             n_learnt, n_tokens = counts_now.tolist()
             loss_sum = torch.zeros((), device=device)
             for micro, (x, y, seg) in enumerate(batches):
-                x, y = x.to(device), y.to(device)
-                seg = None if seg is None else seg.to(device)
+                x, y = to_device(x, device), to_device(y, device)
+                seg = None if seg is None else to_device(seg, device)
                 with grad_sync(train_model, micro == len(batches) - 1), autocast(device, dtype):
                     loss = step_loss(train_model, x, y, seg)
                 (loss * d.world_size / max(1.0, n_learnt)).backward()

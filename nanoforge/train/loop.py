@@ -112,7 +112,7 @@ def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, device:
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, text loss, tokens, bytes
     for x, y in loader.iter_batches(max_batches):
-        x, y = x.to(device), y.to(device)
+        x, y = to_device(x, device), to_device(y, device)
         with autocast(device, dtype):
             losses = model(x, y, reduction="none").float()  # (B, T), 0 where the target is ignored
         counted = y != -100  # (B, T) False on the padding rows of the last batch
@@ -257,7 +257,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device), to_device(y, device)
                 with grad_sync(train_model, micro == accum - 1):
                     if graphs:  # each micro-batch is a new run of the recorded graphs (their outputs reused)
                         torch.compiler.cudagraph_mark_step_begin()
@@ -410,6 +410,15 @@ def _profiler(trace_dir: Path, rank: int, device: torch.device) -> torch.profile
 
     return torch.profiler.profile(activities=activities, on_trace_ready=export,
                                   schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+
+
+def to_device(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A loader's host batch on `device`. To a GPU through page-locked memory, queued without waiting: a
+    copy from pageable memory may first wait for the work queued on the stream (CUDA stages it through a
+    pinned buffer), which would drain the GPU at every micro-batch while the CPU launches the next one."""
+    if torch.device(device).type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ends
 
 
 def _scalar(t: torch.Tensor) -> float:
