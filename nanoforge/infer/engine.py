@@ -196,6 +196,7 @@ class Decoder:
     Weights that change (training between two generations) need a new `Decoder`: on a CPU the step decodes
     from its copies, and in-place optimizer updates leave no trace to check (fused AdamW does not even bump
     the parameters' version counters). `generate` and `stream` without `decoder=` build their own per call.
+    One caller at a time: a step is bound to one KV cache (the server decodes in one worker thread).
     """
 
     def __init__(self, model: GPT) -> None:
