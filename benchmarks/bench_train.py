@@ -53,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ from benchlib import append_record, cpu_name
 
 from nanoforge.hf import transformers_model
 from nanoforge.model import GPT, ModelConfig
+from nanoforge.train.loop import to_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -103,6 +105,9 @@ def parse_args() -> argparse.Namespace:
                    help="with --gpu: set torch._inductor.config.KEY (repeatable; e.g. coordinate_descent_tuning=1)")
     p.add_argument("--sdpa", choices=["cudnn", "flash", "efficient"], default=None,
                    help="with --gpu: the one attention backend SDPA may use (default: torch's choice)")
+    p.add_argument("--host-data", choices=["pinned", "pageable"], default=None,
+                   help="with --gpu: keep the batches on the host and copy each micro-batch as pretrain does "
+                        "(pinned) or did (pageable); default: the batches wait on the device")
     p.add_argument("--loss-chunk-elements", type=int, default=None,
                    help="with --gpu: logits per loss chunk on the GPU (default: the model's)")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
@@ -175,12 +180,14 @@ def make_step(
     *,
     mode: str | None = None,
     clip: float | None = None,
+    feed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Callable[[], torch.Tensor], float]:
     """A closure running one training step; also returns the seconds spent compiling (first steps).
 
     x, y are one micro-batch (B, T), or (A, B, T): A micro-batches whose gradients accumulate before the
-    optimizer step, as `nanoforge pretrain` does for its global batch. `clip` clips the gradient norm."""
-    device = x.device.type
+    optimizer step, as `nanoforge pretrain` does for its global batch. `clip` clips the gradient norm.
+    `feed`: x and y stay on the host and each micro-batch goes through it to the model's device."""
+    device = next(model.parameters()).device.type
     fused = device in ("cpu", "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
     fwd = torch.compile(model, mode=mode) if compiled else model
@@ -192,7 +199,7 @@ def make_step(
             if mode in ("reduce-overhead", "max-autotune"):  # a new run of the recorded CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                xm, ym = xs[micro], ys[micro]
+                xm, ym = (xs[micro], ys[micro]) if feed is None else (feed(xs[micro]), feed(ys[micro]))
                 loss = fwd(xm, ym) if is_ours else fwd(input_ids=xm, labels=ym, shift_labels=ym).loss
             (loss / accum if accum > 1 else loss).backward()
         if clip is not None:
@@ -386,7 +393,14 @@ def gpu_preset(args: argparse.Namespace) -> None:
           f"peak {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}"
           + (f"; {', '.join(f'{k}={v}' for k, v in knobs.items())}" if knobs else ""))
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (accum, batch, cfg.seq_len + 1), generator=g).to(device)
+    data = torch.randint(0, cfg.vocab_size, (accum, batch, cfg.seq_len + 1), generator=g)
+    feed = None
+    if args.host_data == "pinned":  # what pretrain does: through page-locked memory, queued
+        feed = partial(to_device, device=device)
+    elif args.host_data == "pageable":  # what pretrain did before: may wait for the queued work first
+        feed = partial(torch.Tensor.to, device=device, non_blocking=True)
+    else:
+        data = data.to(device)
     x, y = data[..., :-1].contiguous(), data[..., 1:].contiguous()
     build(cfg, "cpu")  # exits unless the two models have the same parameter count
     results = {}
@@ -399,7 +413,7 @@ def gpu_preset(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)
         model = GPT(cfg).to(device) if side == "ours" else build_peer(cfg, device)
-        step, compile_s = make_step(model, side == "ours", x, y, dtype, compiled=True, mode=mode, clip=1.0)
+        step, compile_s = make_step(model, side == "ours", x, y, dtype, compiled=True, mode=mode, clip=1.0, feed=feed)
         for _ in range(args.warmup):
             step()
         secs = []
@@ -468,6 +482,8 @@ def experiment_knobs(args: argparse.Namespace) -> dict[str, object]:
         for name, enable in backends.items():
             enable(name == args.sdpa)
         knobs["sdpa"] = args.sdpa
+    if args.host_data is not None:
+        knobs["host_data"] = args.host_data
     if args.loss_chunk_elements is not None:
         model_module._LOSS_CHUNK_ELEMENTS["default"] = args.loss_chunk_elements
         knobs["loss_chunk_elements"] = args.loss_chunk_elements

@@ -12,6 +12,8 @@
 # 3. the model tests that run on each device (the loss on the GPU: compiled chunk, padded vocabulary,
 #    dw accumulated inside the matmul when eager; a compiled tiny GPT-2 against the eager one): they
 #    passed on an H100 in the last two sessions, so they come after the figures the 45% target needs;
+#    then the preset with its batches on the host, copied per micro-batch from pinned memory (as pretrain
+#    does now) and from pageable memory (as it did before);
 # 4. with TOKENS_DIR: `nanoforge pretrain --preset gpt2-124m` for 12 steps, one process (PARALLEL=fsdp or
 #    ddp: under torchrun on one GPU instead; PRETRAIN_FLAGS: more flags, e.g. "--set compile_mode=…");
 # 5. max-autotune (Triton matmuls with fused epilogues) and Inductor's coordinate descent tuning (its
@@ -68,6 +70,9 @@ if [ "$(left)" -ge 120 ]; then
 else
     summary+=("tests/test_model.py: not run, $(left) s left")
 fi
+b32host=(--batch 32 --sides ours --out "$OUT/bench_train.jsonl" --host-data)
+bench "micro-batch 32, batches copied from pinned memory" 80 "${b32host[@]}" pinned
+bench "micro-batch 32, batches copied from pageable memory" 80 "${b32host[@]}" pageable
 if [ -n "$TOKENS" ]; then
     rm -rf /tmp/nanoforge-gpu-pretrain
     launch=($PY)

@@ -17,14 +17,14 @@ def test_bench_train_gpu_mode_runs_end_to_end_on_a_tiny_model(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--gpu", "--quick", "--kernels", "3",
          "--inductor", "coordinate_descent_tuning=0", "--inductor", "triton.cudagraphs=0", "--sdpa", "flash",
-         "--loss-chunk-elements", "4096", "--out", str(out)],
+         "--loss-chunk-elements", "4096", "--host-data", "pinned", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ratio" in run.stdout and "profiled step" in run.stdout
     record = json.loads(out.read_text().splitlines()[-1])
     assert set(record["results"]) == {"ours", "transformers"}
     assert record["knobs"] == {"inductor.coordinate_descent_tuning": False, "inductor.triton.cudagraphs": False,
-                               "sdpa": "flash", "loss_chunk_elements": 4096}
+                               "sdpa": "flash", "host_data": "pinned", "loss_chunk_elements": 4096}
     assert all(r["tok_s"] > 0 for r in record["results"].values())
 
 
