@@ -60,6 +60,7 @@ import torch
 import transformers
 from benchlib import append_record, cpu_name
 
+from nanoforge.config import CUDAGRAPH_MODES
 from nanoforge.hf import transformers_model
 from nanoforge.model import GPT, ModelConfig
 from nanoforge.train.loop import to_device
@@ -196,7 +197,7 @@ def make_step(
 
     def step() -> torch.Tensor:
         for micro in range(accum):
-            if mode in ("reduce-overhead", "max-autotune"):  # a new run of the recorded CUDA graphs
+            if mode in CUDAGRAPH_MODES:  # a new run of the recorded CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 xm, ym = (xs[micro], ys[micro]) if feed is None else (feed(xs[micro]), feed(ys[micro]))

@@ -114,6 +114,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the modes that record CUDA graphs: each micro-batch must mark a new run of them, and FSDP cannot use them
+CUDAGRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 
 def preset_names() -> list[str]:

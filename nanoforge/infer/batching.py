@@ -60,9 +60,7 @@ class ContinuousBatch:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []  # row i of the cache is running[i]
         self.cache: KVCache | None = None
-        if decoder is not None and decoder.model is not model:
-            raise NanoforgeError("serve: the decoder was made for another model")
-        self._decoder = decoder or Decoder(model)  # the weights stay fixed while the server runs: prepared once
+        self._decoder = Decoder.of(model, decoder, "serve")  # fixed weights while the server runs: prepared once
         self._cancelled: set[int] = set()
         self._ended: list[int] = []  # added with no room to generate: reported at the next step
         self._next = 0

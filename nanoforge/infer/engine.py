@@ -114,10 +114,7 @@ def _decode(
     """Yields, per decoding step, the (prompt index, token) pairs emitted by the still-active sequences."""
     cfg = model.cfg
     _check(cfg.vocab_size, cfg.seq_len, prompts, max_new_tokens, temperature, top_k, top_p)
-    if decoder is None:
-        decoder = Decoder(model)
-    elif decoder.model is not model:
-        raise NanoforgeError("generate: the decoder was made for another model")
+    decoder = Decoder.of(model, decoder, "generate")
     param = next(model.parameters())
     generator = None
     if seed is not None:
@@ -203,6 +200,15 @@ class Decoder:
         self.model = model
         self.fast = _plain(model)
         self.step: _DecodeStep | CpuDecodeStep | None = None
+
+    @classmethod
+    def of(cls, model: GPT, decoder: Decoder | None, who: str) -> Decoder:
+        """`decoder` if given (it must be `model`'s), else a new one for `model`."""
+        if decoder is None:
+            return cls(model)
+        if decoder.model is not model:
+            raise NanoforgeError(f"{who}: the decoder was made for another model")
+        return decoder
 
     def __call__(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """tokens (B,) -> next-token logits (B, V) float32; advances `cache` by one slot."""

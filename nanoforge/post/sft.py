@@ -65,6 +65,7 @@ from nanoforge.train.distributed import (
     parallelize,
     replica,
     run_then_close,
+    whole,
 )
 from nanoforge.train.faults import StopRequest, TrainingStopped
 from nanoforge.train.loop import autocast, choose_dtype, to_device
@@ -485,8 +486,7 @@ class _AdapterParams(torch.nn.Module):
 def _adapter_weights(model: GPT) -> dict[str, torch.Tensor]:
     """The trained (adapter) parameters, whole, on the CPU; gathered from the shards under FSDP (every rank
     must call it then)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {n: whole(p).detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from nanoforge.config import CUDAGRAPH_MODES
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import GPT
 from nanoforge.train.hardware import pick_device
@@ -181,7 +182,7 @@ def parallelize(model: GPT, d: Dist, device: torch.device, *, parallel: str, bf1
     if d.active and parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if compile and compile_mode in ("reduce-overhead", "max-autotune"):
+        if compile and compile_mode in CUDAGRAPH_MODES:
             raise NanoforgeError(f"compile_mode={compile_mode} records CUDA graphs, which FSDP's gathered "
                                  f"weights (new memory at every step) do not allow; use max-autotune-no-cudagraphs "
                                  f"or default under --parallel fsdp")
@@ -222,6 +223,12 @@ def grad_sync(train_model: nn.Module, enabled: bool) -> Iterator[None]:
 def stored_names(model: nn.Module) -> list[str]:
     """The state-dict names that hold distinct tensors: a tied weight (lm_head = wte) appears once."""
     return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: a DTensor (an FSDP shard, its grad norm) is gathered, so every rank must call it then;
+    any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def full_model_state(model: GPT, d: Dist) -> dict[str, torch.Tensor] | None:

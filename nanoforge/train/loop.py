@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nanoforge.artifacts import write_manifest
-from nanoforge.config import PretrainConfig, model_config, parse_duration, resolve_pretrain
+from nanoforge.config import CUDAGRAPH_MODES, PretrainConfig, model_config, parse_duration, resolve_pretrain
 from nanoforge.console import info
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import generate
@@ -54,6 +54,7 @@ from nanoforge.train.distributed import (
     parallelize,
     replica,
     run_then_close,
+    whole,
 )
 from nanoforge.train.faults import LossGuard, StopRequest, TrainingStopped, injected_nan_steps
 from nanoforge.train.hardware import peak_flops
@@ -196,7 +197,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
         checkpoint_activations(model)
     train_model = parallelize(model, d, device, parallel=cfg.parallel, bf16=dtype == "bf16", compile=compile_on,
                               compile_mode=cfg.compile_mode)
-    graphs = compile_on and cfg.compile_mode in ("reduce-overhead", "max-autotune")  # the modes with CUDA graphs
+    graphs = compile_on and cfg.compile_mode in CUDAGRAPH_MODES
     opt = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       device_type=device.type)
     guard = LossGuard(cfg.spike_factor, cfg.max_bad_steps, cfg.rollback_lr_factor)
@@ -272,7 +273,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
             stats = all_reduce_sum(torch.cat([(loss_sum / accum).reshape(1).float(),
                                               torch.tensor(stop.flags(), device=device)]), d).tolist()
             loss_val = stats[0] / d.world_size
-            grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))  # FSDP: DTensor
             bad = guard.judge(loss_val, grad_norm)
             if bad is None:
                 opt.step()
@@ -419,11 +420,6 @@ def to_device(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return batch.to(device)
     return batch.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ends
-
-
-def _scalar(t: torch.Tensor) -> float:
-    """A 0-d tensor as a float; a DTensor (FSDP's grad norm) is made whole first."""
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def _finite(x: float) -> float | None:
