@@ -66,6 +66,12 @@ def test_group_advantages_match_the_formulas():
     assert group_advantages(r, "batch", batch_std=2.0)[0].tolist() == pytest.approx([x / 2.0001 for x in
                                                                                      (0.5, -0.5, -0.5, 0.5)])
     assert group_advantages(r, "group")[1].tolist() == [0.0] * 4  # a zero-variance group: no signal at all
+    # also when its reward is no binary fraction (correct + format = 1.2): the float mean is an ulp off,
+    # and dividing that by (0 + 1e-4) used to leave advantages of ±1e-3
+    equal = torch.tensor([[1.2] * 8, [0.2] * 8, [0.2] * 7 + [1.2]])
+    for scale in ("group", "batch", "none"):
+        got = group_advantages(equal, scale)
+        assert got[:2].tolist() == [[0.0] * 8] * 2 and (got[2] != 0).all()
 
 
 def _fixed_batch() -> dict[str, torch.Tensor]:

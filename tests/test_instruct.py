@@ -196,3 +196,7 @@ def test_token_f1_and_exact_match_follow_squad():
     assert exact_match("<think>wrong steps</think><answer> 132 </answer>", ref) == 1.0
     assert exact_match("<think>7+5=12, 4+8+1=13</think><answer>133</answer>", ref) == 0.0
     assert exact_match("132", ref) == 0.0  # no <answer>: not an answer
+    negative = "<think>5-58</think><answer>-53</answer>"  # the sign decides: SQuAD's words would drop it
+    assert [exact_match(f"<answer>{a}</answer>", negative) for a in ("-53", " -53 ", "53", "+53", "-5,3")] == [
+        1.0, 1.0, 0.0, 0.0, 0.0]
+    assert exact_match("<answer>The Cat.</answer>", "<answer>cat</answer>") == 1.0  # text answers: normalised

@@ -104,6 +104,9 @@ def test_answer_extraction_and_integer_parsing():
     assert extract_answer("no answer") is None and extract_answer("<answer>" + "1" * 201 + "</answer>") is None
     assert [parse_integer(t) for t in ("132", " -7 ", "+5", "1,024", "007")] == [132, -7, 5, 1024, 7]
     assert [parse_integer(t) for t in ("7.0", "1e3", "", "0x10", "12 3", None, "9" * 101)] == [None] * 7
+    # commas group thousands and nothing else: "3,4" is a list of two answers, not 34
+    assert [parse_integer(t) for t in ("-1,234,567", "12,345", "999,999")] == [-1234567, 12345, 999999]
+    assert [parse_integer(t) for t in ("3,4", "12,3456", "1,,000", ",5", "5,", "1234,567")] == [None] * 6
 
 
 def test_reward_weights():

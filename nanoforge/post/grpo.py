@@ -134,8 +134,10 @@ def resolve_grpo(cfg: GRPOConfig) -> GRPOConfig:
 def group_advantages(rewards: Tensor, scale: str, batch_std: Tensor | float | None = None) -> Tensor:
     """rewards (P, G) → advantages (P, G): each reward minus its group's mean, divided by (std + 1e-4) with
     the std (unbiased) of its group (`group`), of all rewards (`batch`; `batch_std` when the batch spans
-    ranks) or not at all (`none`)."""
+    ranks) or not at all (`none`). A group whose rewards are all equal gets exactly 0: its float mean can be
+    off by an ulp (1.2 is not a binary fraction), which the division would blow up into a gradient."""
     centered = rewards - rewards.mean(dim=1, keepdim=True)
+    centered = centered.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)
     if scale == "none":
         return centered
     if scale == "group":

@@ -47,7 +47,7 @@ from nanoforge.data.documents import iter_documents
 from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import Decoder, generate
 from nanoforge.model import GPT
-from nanoforge.post.rewards import extract_answer
+from nanoforge.post.rewards import extract_answer, parse_integer
 from nanoforge.post.tasks import get_task
 from nanoforge.tokenizer import Tokenizer, doc_fraction
 from nanoforge.train.checkpoint import load_model_artifact
@@ -372,11 +372,17 @@ def answer_f1(prediction: str, reference: str) -> float:
 
 
 def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the normalised texts are equal; for an R1-format reference, when the `<answer>`s are."""
+    """1.0 when the normalised texts are equal; for an R1-format reference, when the `<answer>`s are: as
+    integers when the reference's is one (SQuAD's normalisation would drop a minus sign), else normalised."""
     ref_answer = extract_answer(reference)
     if ref_answer is not None:
         pred_answer = extract_answer(prediction)
-        return float(pred_answer is not None and normalize_answer(pred_answer) == normalize_answer(ref_answer))
+        if pred_answer is None:
+            return 0.0
+        ref_number = parse_integer(ref_answer)
+        if ref_number is not None:
+            return float(parse_integer(pred_answer) == ref_number)
+        return float(normalize_answer(pred_answer) == normalize_answer(ref_answer))
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 

@@ -20,7 +20,8 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 # The whole completion must be exactly one think block then one answer block (whitespace around allowed).
 _R1_TEMPLATE = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_INTEGER = re.compile(r"[+-]?\d{1,100}")  # longer numbers are refused, never parsed
+# digits, or digits grouped in threes by commas (`1,024`); longer numbers are refused, never parsed
+_INTEGER = re.compile(r"[+-]?(\d{1,100}|\d{1,3}(,\d{3}){1,33})")
 MAX_ANSWER_CHARS = 200
 
 
@@ -43,11 +44,12 @@ def extract_answer(completion: str) -> str | None:
 
 
 def parse_integer(text: str | None) -> int | None:
-    """An integer written plainly (`-132`, `1,024`), or None for anything else, including huge numbers."""
+    """An integer written plainly (`-132`, `1,024`), or None for anything else: commas that do not group
+thousands (`3,4` is two answers, not 34), huge numbers."""
     if text is None:
         return None
-    text = text.strip().replace(",", "")
-    return int(text) if _INTEGER.fullmatch(text) else None
+    text = text.strip()
+    return int(text.replace(",", "")) if _INTEGER.fullmatch(text) else None
 
 
 @dataclass
