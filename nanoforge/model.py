@@ -349,7 +349,11 @@ class GPT(nn.Module):
             return F.cross_entropy(logits, targets.reshape(B * T), reduction="none").view(B, T)
         if reduction not in ("mean", "sum"):
             raise NanoforgeError(f"model: unknown loss reduction {reduction!r} (mean | sum | none)")
-        return LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), reduction)
+        # the fused loss multiplies by the head's weight itself; a head that adapts its weight (a LoRA layer)
+        # hands over the weight it computes with
+        head = self.lm_head
+        w = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
+        return LinearCrossEntropy.apply(x.view(B * T, -1), w, targets.reshape(B * T), reduction)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights once). `exclude_embeddings` drops the lookup tables that do no

@@ -90,6 +90,55 @@ def test_only_adapter_parameters_are_updated():
     assert n_adapter < 0.3 * n_all
 
 
+def test_an_adapted_lm_head_trains_through_the_fused_loss():
+    """The loss multiplies by lm_head's weight without calling the module: it must see the adapter too."""
+    model = _model()
+    apply_lora(model, LoRAConfig(rank=4, alpha=16, targets=["all-linear", "lm_head"]))
+    _randomize_adapters(model)
+    x = torch.randint(0, 96, (2, 32))
+    loss = model(x, x)
+    logits_loss = torch.nn.functional.cross_entropy(model(x).view(-1, 96), x.view(-1))
+    torch.testing.assert_close(loss, logits_loss, rtol=1e-5, atol=1e-5)  # the adapter-on model's loss
+    loss.backward()
+    head = model.lm_head
+    assert head.lora_A.grad is not None and head.lora_A.grad.abs().sum() > 0 and head.lora_B.grad.abs().sum() > 0
+    assert head.weight.grad is None  # the base stays frozen
+
+
+def test_peft_loads_our_adapter_and_we_load_peft_s(tmp_path):
+    """The adapter directory is PEFT's: PeftModel puts ours on a GPT with the same outputs, and an adapter
+    PEFT saved loads through `load_adapter`."""
+    from peft import LoraConfig, PeftModel, get_peft_model  # a dev dependency: missing must fail, not skip
+
+    x = torch.randint(0, 96, (2, 32))
+    ours = _model()
+    apply_lora(ours, LoRAConfig(rank=4, alpha=16, targets=["all-linear", "lm_head"]))
+    _randomize_adapters(ours)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "ours").mkdir()
+    from nanoforge.post.lora import save_adapter
+    save_adapter(tmp_path / "ours", LoRAConfig(rank=4, alpha=16), sorted(lora_layers(ours)),
+                 dict(ours.named_parameters()), tmp_path / "base")
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(_model(), str(tmp_path / "ours")).eval()
+        base_logits, want = _model()(x), ours(x)
+        assert (want - base_logits).abs().max() > 1e-2
+        torch.testing.assert_close(peft_model(x), want, rtol=1e-5, atol=1e-5)
+
+    theirs = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "mlp.proj"]))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        want = theirs(x)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded = _model()
+    cfg = load_adapter(loaded, tmp_path / "theirs")
+    assert (cfg.rank, cfg.alpha, len(lora_layers(loaded))) == (4, 8.0, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_merged_weights_give_the_adapter_on_logits(flavour):
     model = _model(flavour)
@@ -131,7 +180,8 @@ def lora_run(tiny_tokenizer, tiny_corpus, tmp_path_factory) -> tuple[Path, Path,
 def test_the_adapter_is_saved_alone_and_merges_into_a_plain_model(lora_run, tmp_path):
     base, adapter, _ = lora_run
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    assert len(tensors) == 2 * 2 * 4 and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    assert len(tensors) == 2 * 2 * 4 and all(k.startswith("base_model.model.h.") for k in tensors)  # PEFT's names
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     assert not (adapter / "model.safetensors").exists()
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and len(cfg["target_modules"]) == 8

@@ -10,9 +10,11 @@ layer instead of in·out. `LoRALinear` *is* an `nn.Linear` (it keeps `weight`/`b
 the base model's state-dict names, checkpoints and optimizer groups do not change; the adapter adds
 `<layer>.lora_A` and `<layer>.lora_B`. Merging adds (α/r)·B A to W and gives back a plain `GPT`.
 
-The adapter directory holds `adapter_model.safetensors` (`<layer>.lora_A.weight` (r, in) and
-`<layer>.lora_B.weight` (out, r), PEFT's layout) and `adapter_config.json` (rank, alpha, targets, and the
-base model's path and content hash: `merge` refuses another base).
+The adapter directory is PEFT's: `adapter_model.safetensors` (`base_model.model.<layer>.lora_A.weight`
+(r, in) and `….lora_B.weight` (out, r)) and `adapter_config.json` (`peft_type` LORA, `r`, `lora_alpha`,
+`target_modules`, `base_model_name_or_path`, plus the base model's content hash: `merge` refuses another
+base). `PeftModel.from_pretrained(gpt, adapter_dir)` puts it on our `GPT` module, and an adapter that PEFT
+saved for a `GPT` loads here (`load_adapter`; keys without the prefix, as nanoforge wrote them before, too).
 
 Quantized base (QLoRA-style): `--lora-quantize int8` stores the frozen linear weights of the blocks in
 8 bits with a scale per output channel (torchao's `Int8WeightOnlyConfig`, `pip install torchao`): a quarter
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 # the linear layers of a block, by their name in `nanoforge.model` (lm_head can be named explicitly)
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+PEFT_PREFIX = "base_model.model."  # PEFT names a weight by its path from the PeftModel
 
 
 @dataclass
@@ -106,6 +110,11 @@ class LoRALinear(nn.Linear):
     def delta_weight(self) -> Tensor:
         """(α/r)·B A, the (out, in) update that merging adds to the weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def effective_weight(self) -> Tensor:
+        """W + (α/r)·B A, differentiable in A and B: what `GPT.forward`'s fused loss takes for an adapted
+        lm_head, which it multiplies by its weight directly rather than calling the module."""
+        return self.weight + self.delta_weight().to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
@@ -163,8 +172,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def adapter_state(params: dict[str, Tensor]) -> dict[str, Tensor]:
     """The adapter weights among `params` (parameter name → tensor) under PEFT's names:
-    `<layer>.lora_A.weight` (r, in) and `<layer>.lora_B.weight` (out, r)."""
-    return {f"{n}.weight": t.detach().contiguous().cpu() for n, t in params.items()
+    `base_model.model.<layer>.lora_A.weight` (r, in) and `….lora_B.weight` (out, r)."""
+    return {f"{PEFT_PREFIX}{n}.weight": t.detach().contiguous().cpu() for n, t in params.items()
             if n.endswith((".lora_A", ".lora_B"))}
 
 
@@ -176,9 +185,9 @@ def save_adapter(out: Path, cfg: LoRAConfig, layers: list[str], params: dict[str
     blob = save(adapter_state(params), metadata=SAFETENSORS_METADATA)
     atomic_write_bytes(out / ADAPTER_WEIGHTS, blob)
     atomic_write_json(out / ADAPTER_CONFIG, {
-        "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "base_quantization": cfg.quantize,
-        "target_modules": sorted(layers), "base_model": str(base_dir), "base_model_hash": input_hash(base_dir),
+        "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
+        "target_modules": sorted(layers), "base_model_name_or_path": str(base_dir),
+        "base_model_hash": input_hash(base_dir), "base_quantization": cfg.quantize,
     })
 
 
@@ -195,17 +204,28 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 def load_adapter(model: GPT, adapter_dir: Path) -> LoRAConfig:
     """Put the adapter saved in `adapter_dir` on `model` (its base); returns the adapter's config."""
     raw = read_adapter_config(adapter_dir)
+    where = f"{adapter_dir}/{ADAPTER_CONFIG}"
+    if (raw.get("peft_type", "LORA") != "LORA" or raw.get("bias", "none") != "none"
+            or any(raw.get(k) for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern"))):
+        raise NanoforgeError(f"{where}: only plain LoRA adapters load here (peft_type LORA, bias none; no DoRA, "
+                             "rsLoRA or per-layer ranks)")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):  # PEFT's regex form: only a plain name (or all-linear) means what it says here
+        if not re.fullmatch(r"[\w.-]+", targets):
+            raise NanoforgeError(f"{where}: target_modules {targets!r} is a regular expression; list the layers")
+        targets = [targets]
     try:
-        cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=list(raw["target_modules"]),
+        cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=list(targets),
                          dropout=float(raw.get("lora_dropout", 0.0)))
     except (KeyError, TypeError, ValueError) as e:
-        raise NanoforgeError(f"{adapter_dir}/{ADAPTER_CONFIG}: missing or bad field ({e})") from None
+        raise NanoforgeError(f"{where}: missing or bad field ({e})") from None
     apply_lora(model, cfg)
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise NanoforgeError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = {k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items()}
     layers = lora_layers(model)
     expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
     if set(tensors) != expected:
@@ -246,7 +266,7 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> dict[str, Any]:
     recorded = raw.get("base_model_hash")
     if recorded and recorded != input_hash(model_dir):
         raise NanoforgeError(f"{adapter_dir}: this adapter was trained on another base model "
-                             f"({raw.get('base_model')}), not {model_dir}")
+                             f"({raw.get('base_model_name_or_path', raw.get('base_model'))}), not {model_dir}")
     model = load_model_artifact(model_dir)
     cfg = load_adapter(model, adapter_dir)
     merge_lora(model)
