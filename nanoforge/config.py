@@ -166,6 +166,10 @@ def resolve_pretrain(cfg: PretrainConfig) -> PretrainConfig:
                              f"got {out.compile_mode!r}")
     if out.parallel not in ("ddp", "fsdp"):
         raise NanoforgeError(f"pretrain: parallel must be ddp or fsdp, got {out.parallel!r}")
+    if out.eval_every < 1 or out.ckpt_every < 1 or out.sample_every < 0 or not out.grad_clip > 0:
+        raise NanoforgeError(f"pretrain: need eval_every >= 1, ckpt_every >= 1, sample_every >= 0 (0: no samples) "
+                             f"and grad_clip > 0 (got {out.eval_every}, {out.ckpt_every}, {out.sample_every}, "
+                             f"{out.grad_clip})")
     if out.spike_factor < 0 or out.max_bad_steps < 1 or not 0 < out.rollback_lr_factor <= 1:
         raise NanoforgeError(f"pretrain: need spike_factor >= 0, max_bad_steps >= 1 and 0 < rollback_lr_factor "
                              f"<= 1 (got {out.spike_factor}, {out.max_bad_steps}, {out.rollback_lr_factor})")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -61,6 +62,27 @@ def test_data_directory_without_shards_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NanoforgeError, match="not a token-shard directory"):
         pretrain(tiny_pretrain_config(), tmp_path / "empty", tmp_path / "out")
+
+
+def test_a_tokenizer_other_than_the_shards_is_refused(tiny_corpus, tiny_tokenizer, tiny_tokens, tmp_path):
+    from nanoforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    smaller, same_size = tmp_path / "tok300", tmp_path / "tok512"
+    train_tokenizer(TokenizerConfig(vocab_size=300), tiny_corpus, smaller)
+    train_tokenizer(TokenizerConfig(vocab_size=512, kind="unigram"), tiny_corpus, same_size)
+    with pytest.raises(NanoforgeError, match="has 300 tokens, the shards .* were encoded with 512"):
+        pretrain(tiny_pretrain_config(max_steps=2), tiny_tokens, tmp_path / "a", tokenizer=smaller)
+    with pytest.raises(NanoforgeError, match="not the tokenizer that encoded"):
+        pretrain(tiny_pretrain_config(max_steps=2), tiny_tokens, tmp_path / "b", tokenizer=same_size)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    pretrain(tiny_pretrain_config(max_steps=2), tiny_tokens, tmp_path / "c", tokenizer=tiny_tokenizer)  # its own
+
+
+@pytest.mark.parametrize("setting", ["ckpt_every=0", "eval_every=0", "grad_clip=0", "sample_every=-1"])
+def test_settings_that_would_break_the_run_are_refused_up_front(setting):
+    name, value = setting.split("=")
+    with pytest.raises(NanoforgeError, match="need eval_every >= 1, ckpt_every >= 1"):
+        resolve_pretrain(tiny_pretrain_config(**{name: float(value) if name == "grad_clip" else int(value)}))
 
 
 def test_gradient_accumulation_gives_the_same_run_as_the_large_batch(tiny_tokens, tmp_path):
@@ -161,6 +183,31 @@ def test_nan_losses_are_skipped_and_a_streak_rolls_back_with_a_lower_lr(tiny_tok
     assert _optimizer_steps(out / "checkpoints" / "step-0000012") == 11
 
 
+def test_no_checkpoint_is_written_during_a_streak_of_bad_steps(tiny_tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOFORGE_TEST_NAN_STEPS", "5,6")  # step 6 is due a checkpoint, two bad steps in
+    out = tmp_path / "model"
+    pretrain(tiny_pretrain_config(max_steps=7, ckpt_every=3, eval_every=100, max_bad_steps=3), tiny_tokens, out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000007"]
+
+
+def test_a_streak_right_after_a_rollback_goes_one_checkpoint_further_back(tiny_tokens, tmp_path, monkeypatch):
+    """A checkpoint can hold weights that already went wrong (an update is judged by the loss before it):
+    rolling back to it gives another streak, and the next rollback takes the checkpoint before it."""
+    monkeypatch.setenv("NANOFORGE_TEST_NAN_STEPS", "7,8,7,8")  # bad again after the first rollback
+    cfg = tiny_pretrain_config(max_steps=10, ckpt_every=3, eval_every=100, max_bad_steps=2, rollback_lr_factor=0.5)
+    out = tmp_path / "model"
+    f = pretrain(cfg, tiny_tokens, out)["figures"]
+    assert (f["skipped_steps"], f["rollbacks"], f["lr_scale"], f["steps"]) == (4, 2, 0.25, 10)
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11))  # from step 3 on, run again after the 2nd rollback
+    assert [r["rollbacks"] for r in rows[3:]] == [2] * 7  # rolled back to step-0000003, not step-0000006
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000009", "step-0000010"]
+
+    monkeypatch.setenv("NANOFORGE_TEST_NAN_STEPS", "4,5,4,5,4,5")  # with nothing further back: a clear error
+    with pytest.raises(NanoforgeError, match="rolling back to step-0000003 did not help"):
+        pretrain(dataclasses.replace(cfg, max_steps=6), tiny_tokens, tmp_path / "again")
+
+
 def test_a_streak_of_bad_steps_before_any_checkpoint_is_a_clear_error(tiny_tokens, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFORGE_TEST_NAN_STEPS", "1,2")
     with pytest.raises(NanoforgeError, match="2 bad steps in a row .* before the first checkpoint"):
@@ -190,6 +237,33 @@ def test_max_time_stops_with_a_checkpoint_that_resumes_exactly(tiny_tokens, tmp_
     pretrain(tiny_pretrain_config(max_steps=8, ckpt_every=100), tiny_tokens, out, resume=True)
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)  # one process resumes bit for bit
+
+
+def test_a_resume_takes_its_own_optimizer_settings_and_keeps_the_last_figures(tiny_tokens, tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(TrainingStopped):
+        pretrain(tiny_pretrain_config(max_steps=4, ckpt_every=100, max_time="1e-6"), tiny_tokens, out)
+    f = pretrain(tiny_pretrain_config(max_steps=4, ckpt_every=100, weight_decay=0.0, beta2=0.99), tiny_tokens, out,
+                 resume=True)["figures"]
+    groups = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.0, [0.9, 0.99])] * 2  # not the saved 0.1, 0.95
+    # killed after the last checkpoint, before the manifest: the resume has no step to run, same figures
+    (out / "manifest.json").unlink()
+    again = pretrain(tiny_pretrain_config(max_steps=4, ckpt_every=100, weight_decay=0.0, beta2=0.99), tiny_tokens,
+                     out, resume=True)["figures"]
+    assert again["val_loss"] == f["val_loss"] and again["val_bpb"] == f["val_bpb"] and f["val_loss"] is not None
+
+
+@pytest.mark.parametrize("damage", ["state.json", "rng", "dcp"])
+def test_a_damaged_checkpoint_is_a_clear_error(tiny_tokens, tmp_path, damage):
+    out = tmp_path / "model"
+    with pytest.raises(TrainingStopped):
+        pretrain(tiny_pretrain_config(max_steps=4, ckpt_every=100, max_time="1e-6"), tiny_tokens, out)
+    ckpt = out / "checkpoints" / "step-0000001"
+    victim = ckpt / "state.json" if damage == "state.json" else next((ckpt / damage).glob("*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # cut short, as by a full disk
+    with pytest.raises(NanoforgeError, match="damaged"):
+        pretrain(tiny_pretrain_config(max_steps=4, ckpt_every=100), tiny_tokens, out, resume=True)
 
 
 def test_durations_parse_and_bad_ones_are_refused():

@@ -64,6 +64,7 @@ from nanoforge.train.distributed import (
     parallelize,
     run_then_close,
 )
+from nanoforge.train.hardware import gpu_has_bf16
 from nanoforge.train.metrics import MetricsLog, plot_series
 from nanoforge.train.optim import build_adamw
 
@@ -312,7 +313,7 @@ def _grpo(cfg: GRPOConfig, model_dir: Path, out: Path, resume: bool, d: Dist, de
         raise NanoforgeError(f"grpo: task {cfg.task!r} prompts reach {longest} tokens but the model's context is "
                              f"{model.cfg.seq_len}")
     dtype = cfg.dtype if cfg.dtype != "auto" else \
-        "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        "bf16" if device.type == "cuda" and gpu_has_bf16() else "fp32"
     model.train()
     train_model = parallelize(model, d, device, parallel="ddp", bf16=dtype == "bf16", compile=False)
     opt = build_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), device_type=device.type)

@@ -210,6 +210,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def discard_after(ckpt_root: Path, ckpt: Path) -> None:
+    """Make `ckpt` the latest checkpoint again and delete the newer ones (their weights went wrong)."""
+    atomic_write_text(ckpt_root / "latest", ckpt.name + "\n")
+    for newer in ckpt_root.glob("step-*"):
+        if newer.name > ckpt.name:
+            shutil.rmtree(newer, ignore_errors=True)
+
+
 def resume_point(out: Path, resume: bool, stage: str = "training") -> Path | None:
     """The checkpoint a training stage writing to `out` starts from: the latest one with `resume`, else
     None. Refuses `resume` without a checkpoint, and a fresh start over a run already in `out`."""
@@ -224,7 +232,11 @@ def resume_point(out: Path, resume: bool, stage: str = "training") -> Path | Non
 
 def checkpoint_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json: step, loader position, configs (read before deciding to load it)."""
-    return json.loads((path / "state.json").read_text())
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NanoforgeError(f"{path}: damaged checkpoint (state.json: {e}); delete it to resume from the one "
+                             f"before") from None
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
@@ -238,15 +250,26 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, d:
     try:
         with _single_process_quiet():
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "dcp")), no_dist=not d.active)
-    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
+    except (CheckpointException, RuntimeError, KeyError, ValueError, OSError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanoforgeError(f"{path}: checkpoint does not fit this model and optimizer ({first})") from None
+        raise NanoforgeError(f"{path}: checkpoint does not fit this model and optimizer, or its files are "
+                             f"damaged ({first})") from None
+    # the saved groups say which parameters each holds; their settings (weight decay, betas, …) are this
+    # run's, so that a resume with other settings uses the ones its manifest records
+    groups = state["param_groups"]
+    if len(groups) == len(opt.param_groups):
+        groups = [{**saved, **{k: v for k, v in now.items() if k != "params"}}
+                  for saved, now in zip(groups, opt.param_groups, strict=True)]
     set_state_dict(model, opt, model_state_dict=tensors["model"],
-                   optim_state_dict={"state": tensors["optim"], "param_groups": state["param_groups"]},
+                   optim_state_dict={"state": tensors["optim"], "param_groups": groups},
                    options=StateDictOptions(strict=False))  # strict=False: a tied weight is stored once
     rng_dir = path / "rng"
     mine = rng_dir / f"rank-{d.rank:05d}.safetensors"
-    rng = load_file(str(mine if mine.exists() else rng_dir / "rank-00000.safetensors"))  # ranks added: rank 0's
+    try:
+        rng = load_file(str(mine if mine.exists() else rng_dir / "rank-00000.safetensors"))  # ranks added: rank 0's
+    except (OSError, SafetensorError) as e:
+        raise NanoforgeError(f"{path}: damaged checkpoint (rng/: {e}); delete it to resume from the one before"
+                             ) from None
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]

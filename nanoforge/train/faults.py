@@ -7,13 +7,17 @@ steps' losses (an EMA, consulted once `SPIKE_WARMUP` good steps have set it). A 
 dropped (no optimizer step) and its batch is not replayed. `max_bad_steps` bad steps in a row mean the
 weights themselves have gone wrong: the loop restores the last checkpoint's weights and optimizer,
 keeps reading data from where it is (the batches that went wrong are not seen again, as PaLM did),
-and multiplies the learning rate by `rollback_lr_factor` from then on.
+and multiplies the learning rate by `rollback_lr_factor` from then on. No periodic checkpoint is written
+during a streak, and a streak right after a rollback goes one checkpoint further back (the update that
+ruined the weights was judged by the loss before it, so a checkpoint may hold them); with none left
+the run stops with an error.
 
 SIGTERM (what schedulers and torchrun send before killing a job) only sets a flag; the loop finishes
 the step, every rank agrees through the step's all-reduce, and they write a checkpoint and stop. So
 does the `max_time` deadline (measured from this process's start of training).
 
-Test hook: `NANOFORGE_TEST_NAN_STEPS="6,7,8"` makes the loss of those steps NaN, each once per process.
+Test hook: `NANOFORGE_TEST_NAN_STEPS="6,7,8"` makes the loss of those steps NaN, each once per process; a
+step listed twice ("7,8,7,8") is NaN again when a rollback makes the run go through it again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class LossGuard:
     bad_in_row: int = 0
     skipped: int = 0  # bad steps in the whole run (rollbacks do not undo the count)
     rollbacks: int = 0
+    rollbacks_in_row: int = 0  # rollbacks since the last good step: each goes one checkpoint further back
     lr_scale: float = 1.0  # multiplies the schedule's learning rate; lowered by each rollback
 
     def judge(self, loss: float, grad_norm: float) -> str | None:
@@ -59,7 +64,7 @@ class LossGuard:
         if reason is None:
             self.ema = loss if self.ema is None else EMA_DECAY * self.ema + (1 - EMA_DECAY) * loss
             self.good_steps += 1
-            self.bad_in_row = 0
+            self.bad_in_row = self.rollbacks_in_row = 0
         else:
             self.skipped += 1
             self.bad_in_row += 1
@@ -75,6 +80,7 @@ class LossGuard:
         self.ema, self.good_steps = saved.get("ema"), int(saved.get("good_steps", 0))
         self.bad_in_row = 0
         self.rollbacks += 1
+        self.rollbacks_in_row += 1
         self.lr_scale *= self.rollback_lr_factor
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,11 +92,11 @@ class LossGuard:
             setattr(self, k, v)
 
 
-def injected_nan_steps() -> set[int]:
-    """The steps whose loss the test hook turns into NaN (see the module docstring)."""
+def injected_nan_steps() -> list[int]:
+    """The steps whose loss the test hook turns into NaN, one entry per time (see the module docstring)."""
     raw = os.environ.get("NANOFORGE_TEST_NAN_STEPS", "")
     try:
-        return {int(s) for s in raw.split(",") if s.strip()}
+        return [int(s) for s in raw.split(",") if s.strip()]
     except ValueError:
         raise NanoforgeError(f"NANOFORGE_TEST_NAN_STEPS: expected step numbers like 6,7,8, got {raw!r}") from None
 

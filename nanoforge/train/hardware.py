@@ -44,6 +44,20 @@ def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, sec
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def gpu_has_bf16() -> bool:
+    """Whether this GPU computes bf16 natively (Ampere and later); torch would also say yes where it only
+    emulates it (V100, T4), much slower than fp32 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def use_tf32(device: torch.device) -> None:
+    """fp32 matmuls and convolutions on a GPU's tensor cores (TF32), as nanoGPT and torchtitan train; the
+    fp32 peak that MFU divides by (half the bf16 one) is TF32's. Process-wide: torch's own setting."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Peak FLOP/s of `device` for `dtype`: table lookup on GPUs, measured matmul on CPUs."""
     if device.type == "cuda":

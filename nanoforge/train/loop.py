@@ -32,10 +32,10 @@ from nanoforge.errors import NanoforgeError
 from nanoforge.infer.engine import generate
 from nanoforge.model import GPT
 from nanoforge.tokenizer import Tokenizer
-from nanoforge.tokens import TokenLoader, read_token_manifest
+from nanoforge.tokens import TokenLoader, TokenShardInfo, read_token_manifest
 from nanoforge.train.checkpoint import (
     checkpoint_state,
-    latest_checkpoint,
+    discard_after,
     load_checkpoint,
     load_model_state,
     read_model_config,
@@ -57,7 +57,7 @@ from nanoforge.train.distributed import (
     whole,
 )
 from nanoforge.train.faults import LossGuard, StopRequest, TrainingStopped, injected_nan_steps
-from nanoforge.train.hardware import peak_flops
+from nanoforge.train.hardware import gpu_has_bf16, peak_flops, use_tf32
 from nanoforge.train.metrics import MetricsLog, plot_losses
 from nanoforge.train.optim import build_adamw
 from nanoforge.train.schedule import lr_at
@@ -76,7 +76,7 @@ def choose_dtype(model: GPT, cfg: PretrainConfig, device: torch.device) -> str:
     if cfg.dtype != "auto":
         return cfg.dtype
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if gpu_has_bf16() else "fp32"
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
     timings = {}
@@ -157,6 +157,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise NanoforgeError(f"{tokenizer_dir}: tokenizer.json not found (pass --tokenizer DIR)")
     tok = Tokenizer.load(tokenizer_dir)
+    check_tokenizer_matches(tok, tokenizer_dir, shards, data)
 
     ckpt_root = out / "checkpoints"
     ckpt = resume_point(out, resume, "pretrain")
@@ -217,6 +218,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
     token_bytes = torch.cat([token_bytes, torch.zeros(mcfg.vocab_size - len(token_bytes), dtype=torch.int64)])
     token_bytes = token_bytes.to(device)
+    use_tf32(device)
     peak = peak_flops(device, DTYPES[dtype]) * d.world_size
     entropy = unigram_entropy(data, tok.vocab_size, shards.dtype) if d.main else float("nan")
     if d.main:
@@ -235,12 +237,13 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     def resume_state() -> dict[str, Any]:
         return {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "model": mcfg.to_dict(),
                 "dtype": dtype, "elapsed": elapsed_before + time.time() - t_start, "guard": guard.state_dict(),
-                "init_eval": init_eval, "train_config": cfg}
+                "init_eval": init_eval, "train_config": cfg, "last_eval": last_eval, "samples": samples}
 
     model.train()
     t_start = time.time()
-    last_eval: dict[str, float] = {}
-    samples: list[str] = []
+    # the figures of the last evaluation and samples, also when a resume has no step left to run
+    last_eval: dict[str, float] = saved.get("last_eval", {}) if saved is not None else {}
+    samples: list[str] = saved.get("samples", []) if saved is not None else []
     tps_ema: float | None = None
     nan_steps = injected_nan_steps()
     stop = StopRequest(parse_duration(cfg.max_time) if cfg.max_time is not None else None)
@@ -267,7 +270,7 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             if step + 1 in nan_steps:
-                nan_steps.discard(step + 1)
+                nan_steps.remove(step + 1)
                 loss_sum = loss_sum * float("nan")
             # one all-reduce per step: the mean loss over ranks and any rank's reason to stop
             stats = all_reduce_sum(torch.cat([(loss_sum / accum).reshape(1).float(),
@@ -314,7 +317,8 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
             if metrics is not None:
                 metrics.log(record)
             reason = "SIGTERM" if stats[1] > 0 else "max_time" if stats[2] > 0 else None
-            if step % cfg.ckpt_every == 0 or last or reason:
+            # not in the middle of a streak of bad steps: a rollback must find weights from before it
+            if (step % cfg.ckpt_every == 0 and not guard.bad_in_row) or last or reason:
                 path = save_checkpoint(ckpt_root, step, model, opt, resume_state(), d)
                 if reason and not last:
                     bar.close()
@@ -344,6 +348,19 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
     return broadcast_object(manifest, d)
 
 
+def check_tokenizer_matches(tok: Tokenizer, tokenizer_dir: Path, shards: TokenShardInfo, data: Path) -> None:
+    """Refuse a tokenizer other than the one that encoded the shards: its ids would mean other strings (a
+    smaller vocabulary fails mid-run, a larger one trains silently on text it cannot decode)."""
+    if tok.vocab_size != shards.vocab_size:
+        raise NanoforgeError(f"--tokenizer {tokenizer_dir}: its vocabulary has {tok.vocab_size} tokens, the shards "
+                             f"in {data} were encoded with {shards.vocab_size} (by {shards.tokenizer or '?'})")
+    recorded = Path(shards.tokenizer) / "tokenizer.json" if shards.tokenizer else None
+    if recorded is not None and recorded.exists() and recorded.read_bytes() != (tokenizer_dir / "tokenizer.json"
+                                                                                 ).read_bytes():
+        raise NanoforgeError(f"--tokenizer {tokenizer_dir}: not the tokenizer that encoded {data} "
+                             f"({shards.tokenizer}); leave --tokenizer out to use that one")
+
+
 def load_init(model: GPT, init: Path, tokenizer_dir: Path) -> None:
     """Start from the weights of the model artifact `init` (`--init`): same shape, same tokenizer."""
     init_cfg = read_model_config(init)
@@ -359,13 +376,24 @@ def load_init(model: GPT, init: Path, tokenizer_dir: Path) -> None:
 
 def _roll_back(ckpt_root: Path, model: GPT, opt: torch.optim.Optimizer, guard: LossGuard, d: Dist,
                metrics: MetricsLog | None, loss: float) -> tuple[int, int]:
-    """Restore the last checkpoint's weights and optimizer after a streak of bad steps; the loader keeps
-    its position. Returns the checkpoint's (step, tokens seen)."""
-    ckpt = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
-    if ckpt is None:
-        raise NanoforgeError(f"pretrain: {guard.bad_in_row} bad steps in a row (last loss {loss:.4g}) before the "
-                             f"first checkpoint; lower --lr or raise max_bad_steps")
+    """Restore a checkpoint's weights and optimizer after a streak of bad steps; the loader keeps its
+    position. Returns the checkpoint's (step, tokens seen).
+
+    The checkpoint is the newest one written outside a streak of bad steps. A step is judged by the loss of
+    the weights before its update, so an update that ruins the weights passes, and the next checkpoint
+    can hold them: when a rollback is followed by another streak with no good step between them, the next
+    one goes one checkpoint further back, and the run stops when none is left."""
+    kept = sorted((p for p in ckpt_root.glob("step-*") if (p / "state.json").exists()), reverse=True)
+    clean = [p for p in kept if not checkpoint_state(p).get("guard", {}).get("bad_in_row")]
+    if guard.rollbacks_in_row >= len(clean):
+        where = (f"rolling back to {', '.join(p.name for p in clean)} did not help" if clean
+                 else "they came before the first checkpoint")
+        raise NanoforgeError(f"pretrain: {guard.bad_in_row} bad steps in a row (last loss {loss:.4g}) and {where}; "
+                             f"lower --lr or raise max_bad_steps, and start again")
+    ckpt = clean[guard.rollbacks_in_row]
     state = load_checkpoint(ckpt, model, opt, d)
+    if d.main and ckpt != kept[0]:  # so that a resume after a kill starts from here, not from those
+        discard_after(ckpt_root, ckpt)
     guard.rolled_back(state.get("guard", {}))
     if metrics is not None:
         metrics.rewind(state["step"])
