@@ -114,7 +114,7 @@ def test_reward_weights():
     assert w.weights == {"correct": 1.0, "format": 0.5}
     assert w.total({"correct": 1.0, "format": 1.0, "other": 9.0}) == 1.5
     assert RewardWeights().total({"correct": 0.0, "format": 1.0}) == pytest.approx(0.2)
-    for bad in ["correct", "correct=x", "=1", ""]:
+    for bad in ["correct", "correct=x", "=1", "", "correct=nan", "format=inf", "correct=1,correct=2"]:
         with pytest.raises(NanoforgeError):
             RewardWeights.parse(bad)
 

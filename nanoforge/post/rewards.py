@@ -10,6 +10,7 @@ earns nothing. Tasks (`nanoforge/post/tasks.py`) score a completion into named c
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -64,12 +65,16 @@ class RewardWeights:
         weights: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
+            name = name.strip()
             try:
-                weights[name.strip()] = float(value)
+                number = float(value)
             except ValueError:
-                sep = ""
-            if not sep or not name.strip():
+                number = math.nan
+            if not sep or not name or not math.isfinite(number):
                 raise NanoforgeError(f"bad reward weight {part!r}: expected NAME=NUMBER, e.g. correct=1,format=0.2")
+            if name in weights:
+                raise NanoforgeError(f"reward weight {name!r} given twice in {spec!r}")
+            weights[name] = number
         if not weights:
             raise NanoforgeError("no reward weights given: expected e.g. correct=1,format=0.2")
         return cls(weights)
