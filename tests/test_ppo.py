@@ -142,6 +142,33 @@ def small(**overrides: object) -> PPOConfig:
     return PPOConfig(**values)
 
 
+def test_a_response_cut_at_max_new_tokens_can_be_penalised(setting: Toy) -> None:
+    from nanoforge.feedback.items import PromptRecord
+    from nanoforge.post.ppo import PPOTrainer
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.train.checkpoint import load_model_artifact
+
+    tok = Tokenizer.load(setting.sft)
+    records = [PromptRecord(messages=m) for m in setting.test_prompts(8)]
+    scored = []
+
+    def score(messages: list, prompts: list, responses: list) -> torch.Tensor:
+        scored.append(responses)
+        return torch.ones(len(responses))
+
+    for penalty, max_new in ((None, 2), (0.5, 2), (0.5, 64)):
+        cfg = small(missing_eos_penalty=penalty, max_new_tokens=max_new)
+        model = PolicyWithValue(load_model_artifact(setting.sft))
+        trainer = PPOTrainer(cfg, model, load_model_artifact(setting.sft), tok, score, torch.device("cpu"))
+        ro = trainer.rollout(records, seed=0)
+        ended = [r[-1] == tok.special_id("assistant_end") for r in scored[-1]]
+        assert ro.scores.tolist() == [1.0 if e or penalty is None else 0.5 for e in ended]
+        if max_new == 2:
+            assert not all(ended)  # two tokens are too few for the toy model's answers
+        else:
+            assert any(ended)
+
+
 def test_ppo_raises_the_reward_models_score(setting: Toy, reward_model: Path, tmp_path: Path) -> None:
     f = train_ppo(small(), setting.sft, reward_model, setting.prompts, tmp_path / "ppo")["figures"]
     assert f["score_last"] > f["score_first"] + 0.3

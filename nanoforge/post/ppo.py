@@ -183,6 +183,9 @@ class PPOConfig(PostTrainConfig):
     batch_size: int = 16
     max_new_tokens: int = 48
     temperature: float = 1.0
+    # subtracted from the score of a response cut at max_new_tokens, which never ended its turn (TRL's
+    # `missing_eos_penalty`): a reward model has only seen finished turns, so it may score the cut ones high
+    missing_eos_penalty: float | None = None
     kl_coef: float = 0.05
     gamma: float = 1.0
     lam: float = 0.95
@@ -228,6 +231,9 @@ class PPOTrainer:
         ref_logprobs, _, _ = per_token(ref_logits, None, prompts, responses, batch.targets, self.cfg.temperature)
         self.model.train()
         scores = self.score([r.messages for r in records], prompts, responses).to(self.device)
+        if self.cfg.missing_eos_penalty is not None:
+            cut = torch.tensor([r[-1] != self.end for r in responses], device=self.device)
+            scores = scores - self.cfg.missing_eos_penalty * cut
         return Rollout(prompts, responses, mask, logprobs, ref_logprobs, values, scores)
 
     def update(self, ro: Rollout, run: TrainRun) -> dict[str, float]:
