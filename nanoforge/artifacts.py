@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -93,13 +95,47 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def _host() -> str:
+    return re.sub(r"[^\w-]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's process
+        return True
+    return True
+
+
+def _remove_stale_tmp_dirs(out: Path) -> None:
+    """Remove the temp directories of `out` that killed writers left: `.{out.name}.HOST.PID.XXXXXXXX.tmp`
+    of this host whose PID is gone. A writer on another host (a shared filesystem), a live PID (perhaps
+    reused: then the leftover waits for a later call) and a name without them (older versions) are left be.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return
+    head, host = f".{out.name}.", _host()
+    for p in out.parent.iterdir():
+        name = p.name
+        if not (name.startswith(head) and name.endswith(".tmp")):
+            continue
+        fields = name[len(head):-len(".tmp")].split(".")  # HOST, PID, mkdtemp's letters (no dots in either)
+        if len(fields) == 3 and fields[0] == host and fields[1].isdigit() and p.is_dir() and not _alive(
+                int(fields[1])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(out: Path | str) -> Iterator[Path]:
     """Yield a fresh temp directory beside `out`; on success it replaces `out` in (nearly) one rename.
 
     If `out` already exists it is first moved aside and deleted only after the new one is in place, so
     an interruption leaves either the old or the new directory (plus, at worst, a `.old` leftover that
-    the next call cleans up). On an exception the temp directory is removed and `out` is untouched.
+    the next call cleans up). On an exception the temp directory is removed and `out` is untouched. A
+    killed process cannot remove its temp directory; it is named with the host and process id, so that
+    the next call for `out` can tell it from a live writer's and remove it.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +143,8 @@ def atomic_dir(out: Path | str) -> Iterator[Path]:
     if old.exists() and not out.exists():  # interrupted between the two renames last time
         os.replace(old, out)
     shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    _remove_stale_tmp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{_host()}.{os.getpid()}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

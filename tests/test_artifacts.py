@@ -1,4 +1,8 @@
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,39 @@ def test_atomic_dir_keeps_the_old_artifact_when_the_new_one_fails(tmp_path):
             raise RuntimeError("killed")
     assert (out / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp leftovers
+
+
+_WRITER = """
+import os, sys, time
+from pathlib import Path
+from nanoforge.artifacts import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "half.bin").write_bytes(b"x")
+    Path(sys.argv[2]).write_text(str(tmp))
+    time.sleep(60)
+"""
+
+
+def test_atomic_dir_removes_temp_dirs_of_killed_writers_only(tmp_path):
+    out, ready = tmp_path / "art", tmp_path / "ready"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(out), str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        live = Path(ready.read_text())
+        unnamed = tmp_path / ".art.abcd1234.tmp"  # an older version's: whose it is cannot be told
+        unnamed.mkdir()
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("new")
+        assert live.is_dir() and unnamed.is_dir()  # its writer is alive
+    finally:
+        writer.kill()
+        writer.wait()
+    assert live.is_dir()  # SIGKILL: nothing removed it
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.abcd1234.tmp", "art", "ready"]
 
 
 def test_manifest_records_inputs_and_content_hash(tmp_path):

@@ -114,11 +114,11 @@ def test_a_killed_run_resumes_at_shard_granularity(tmp_path, monkeypatch):
         _write(src / f"s{k}.jsonl", [(f"s{k}-a", base if k in (0, 3) else prose(rng)), (f"s{k}-b", prose(rng))])
     real, calls, die = clean_mod._clean_shard, [], {2}
 
-    def counted(path, index, work, cfg):
+    def counted(path, index, *rest):
         calls.append(index)
         if index in die:
             raise KeyboardInterrupt  # the process is killed while this shard runs
-        return real(path, index, work, cfg)
+        return real(path, index, *rest)
 
     monkeypatch.setattr(clean_mod, "_clean_shard", counted)
     with pytest.raises(KeyboardInterrupt):
@@ -166,3 +166,37 @@ def test_reading_a_clean_artifact_gives_the_kept_documents_only(tmp_path):
     clean(CleanConfig(workers=1), tmp_path / "a.jsonl", tmp_path / "out")
     assert [d.id for d in iter_documents(tmp_path / "out")] == ["a"]  # not the removed `b` under removed/
     assert [d.id for d in iter_documents(tmp_path / "out" / "removed")] == ["b"]
+
+
+def test_files_of_one_name_in_two_folders_give_distinct_ids(tmp_path):
+    rng = random.Random(5)
+    twice, once = prose(rng), prose(rng)
+    src = tmp_path / "in"
+    for folder, texts in (("a", [twice, once]), ("b", [prose(rng)]), ("c", [twice])):
+        (src / folder).mkdir(parents=True)
+        (src / folder / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    clean(CleanConfig(steps=["exact_dedup"], workers=1), src, tmp_path / "out")
+    kept = _read(tmp_path / "out")
+    assert sorted(kept["id"]) == ["a/x:1", "a/x:2", "b/x:1"]  # generated ids: path under the input, line
+    removed = _read(tmp_path / "out" / "removed", "*.parquet")
+    assert (removed["id"], removed["duplicate_of"]) == (["c/x:1"], ["a/x:1"])
+
+
+def test_duplicate_ids_are_refused_where_dedup_keys_on_them(tmp_path):
+    rng = random.Random(6)
+    same = prose(rng)
+    _write(tmp_path / "a.jsonl", [("1", same), ("2", prose(rng))])
+    _write(tmp_path / "b.jsonl", [("1", prose(rng)), ("3", same)])  # dropping b's "3" must not drop a's "1"
+    with pytest.raises(NanoforgeError, match=r"occur more than once, e.g. '1' \(in .*a.jsonl, .*b.jsonl\)"):
+        clean(CleanConfig(steps=["exact_dedup"], workers=1), tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    m = clean(CleanConfig(steps=["pii"], workers=1), tmp_path, tmp_path / "out")  # no dedup: ids are not keys
+    assert m["figures"]["documents_out"] == 4
+
+
+def test_lone_surrogates_in_jsonl_do_not_stop_the_stage(tmp_path):
+    rng = random.Random(7)
+    _write(tmp_path / "a.jsonl", [("a", prose(rng) + " \ud800"), ("b\udfff", prose(rng))])
+    clean(CleanConfig(steps=["pii", "exact_dedup"], workers=1), tmp_path / "a.jsonl", tmp_path / "out")
+    kept = _read(tmp_path / "out")
+    assert kept["id"] == ["a", "b\ufffd"] and kept["text"][0].endswith(" \ufffd")

@@ -153,9 +153,22 @@ def responses(out: Path) -> dict[str, list]:
     ("javascript:void(0)", "http://h.org/", None),
     ("http://h.org:notaport/", None, None),
     ("http://[::1]:8080/x", None, "http://[::1]:8080/x"),
+    ("http://h.org/a%2fb?q=%3d%zz", None, "http://h.org/a%2Fb?q=%3D%25zz"),  # RFC 3986 §6.2.2.1: upper case
+    ("/%2E%2E/x", "http://h.org/a/b", "http://h.org/x"),  # decoded, '%2E' is a dot segment
 ])
 def test_normalize_url(raw, base, expected):
     assert normalize_url(raw, base) == expected
+
+
+def test_equivalent_percent_encodings_are_one_url(make_site, tmp_path):
+    # RFC 3986 §6.2.2.2: an escaped unreserved character is the character itself
+    assert {normalize_url(f"http://h.org/a{t}b") for t in ("~", "%7E", "%7e")} == {"http://h.org/a~b"}
+    assert normalize_url("http://h.org/%61bc?%7Ex") == normalize_url("http://h.org/abc?~x") == "http://h.org/abc?~x"
+    site = make_site({"/robots.txt": text(""), "/": page("/a~b", "/a%7Eb", "/a%7eb", "/%61bc", "/abc"),
+                      "/a~b": page(), "/abc": page()})
+    figures = run(site, tmp_path / "out")
+    assert site.count() == {"/robots.txt": 1, "/": 1, "/a~b": 1, "/abc": 1}
+    assert figures["pages"] == 3
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
@@ -201,6 +214,24 @@ def test_robots_500_fetches_nothing(make_site, tmp_path):
     assert figures["robots_txt_by_status"] == {"500": 2}
     assert figures["pages"] == 0 and figures["robots_disallowed"] == 1
     assert [u.rsplit("/", 1)[1] for u in responses(tmp_path / "out")] == ["robots.txt"]
+
+
+def test_robots_with_a_byte_order_mark_keeps_its_first_group(make_site, tmp_path):
+    bom_robots = lambda request: web.Response(body=b"\xef\xbb\xbfUser-agent: *\nDisallow: /private\n",  # noqa: E731
+                                              content_type="text/plain")
+    site = make_site({"/robots.txt": bom_robots, "/": page("/private"), "/private": page()})
+    figures = run(site, tmp_path / "out")
+    assert site.count() == {"/robots.txt": 1, "/": 1}
+    assert figures["robots_disallowed"] == 1
+
+
+def test_robots_groups_are_matched_against_the_product_token(make_site, tmp_path):
+    # "0.1" is no product token of ours; matched against "nanoforge-crawler/0.1" it would be taken for one
+    robots = "User-agent: 0.1\nDisallow: /\n\nUser-agent: *\nDisallow: /private\n"
+    site = make_site({"/robots.txt": text(robots), "/": page("/a", "/private"), "/a": page(), "/private": page()})
+    figures = run(site, tmp_path / "out")
+    assert site.count() == {"/robots.txt": 1, "/": 1, "/a": 1}
+    assert figures["robots_disallowed"] == 1
 
 
 # ------------------------------------------------------------------------------------------ scope, limits

@@ -265,6 +265,38 @@ def test_decode_html_charsets():
     assert decode_html(f"<p>{japanese}</p>".encode("shift_jis")) == f"<p>{japanese}</p>"  # detected, no label
 
 
+def test_damaged_utf8_is_not_decoded_as_cp1252():
+    text = "<p>" + "Gr\u00fc\u00dfe aus M\u00fcnchen, sch\u00f6ne Stra\u00dfe. " * 20 + "\u20ac</p>"
+    data = text.encode("utf-8")
+    cut = data[:data.index("\u20ac".encode()) + 2]  # cut inside the euro sign, as max_page_bytes does
+    assert decode_html(cut, "utf-8") == text[:text.index("\u20ac")]
+    assert decode_html(b"<p>It costs 5 " + "\u20ac".encode()[:2]) == "<p>It costs 5 "  # ASCII but for the cut
+    one_bad = data.replace("M\u00fcnchen".encode(), b"M\xfcnchen", 1)  # a Latin-1 byte among UTF-8
+    for hint in ("utf-8", "", "iso-8859-1"):
+        assert decode_html(one_bad, hint) == text.replace("M\u00fcnchen", "M\ufffdnchen", 1)
+    few = "<p>Caf\u00e9 menu: soup.</p>".encode() + b"\xa0"  # as much UTF-8 as bad bytes, and UTF-8 declared
+    assert decode_html(few, "utf-8") == "<p>Caf\u00e9 menu: soup.</p>\ufffd"  # not 'CafĂ©' (detected cp1250)
+
+
+def test_pages_cut_mid_character_keep_their_text(tmp_path):
+    words = "Gr\u00fc\u00dfe aus M\u00fcnchen, sch\u00f6ne Stra\u00dfe. " * 40
+    page = f"<html><head><meta charset=utf-8></head><body><p>{words}</p></body></html>".encode()
+    path = tmp_path / "cut.warc.gz"
+    path.write_bytes(record_bytes(lambda w: (
+        response(w, "http://example.com/page", page),
+        w.write_record(w.create_warc_record("http://example.com/wet", "conversion", payload=io.BytesIO(words.encode()),
+                                            warc_content_type="text/plain", warc_headers_dict={"WARC-Date": DATE}))),
+        gzip_it=True))
+    max_bytes = next(n for n in range(1000, 1100)  # inside a two-byte character of each
+                     if all(b[:n].decode("utf-8", "replace").endswith("\ufffd") for b in (page, words.encode())))
+    manifest = extract(ExtractConfig(workers=1, max_page_bytes=max_bytes), [path], tmp_path / "docs")
+    assert manifest["figures"]["truncated"] == 2
+    docs = read_docs(tmp_path / "docs")
+    assert [d.url for d in docs] == ["http://example.com/page", "http://example.com/wet"]
+    for d in docs:
+        assert len(d.text) > 400 and words.startswith(d.text), d.text[:80]
+
+
 @pytest.mark.parametrize("extractor", ["resiliparse", "trafilatura"])
 def test_both_extractors_keep_the_article_and_drop_boilerplate(extractor):
     text = main_text(article_page("A post about training", SENTENCES), extractor)

@@ -177,6 +177,14 @@ def test_fineweb_punctuation_and_short_lines():
     assert f.keep(doc("\n".join(fw_lines(100, 100, 68)))) == (False, "short_line_ratio")
 
 
+def test_fineweb_line_ends_are_datatroves_stop_chars():
+    f = FineWebQualityFilter()
+    for end in (":", ";", "\u2026", "\u201d", "\u2019", "\u3002"):  # not in (".", "'", '"', "!", "?")
+        assert f.keep(doc("\n".join(line + end for line in fw_lines(100, 0, 0)))) == (False, "line_punct_ratio")
+    for end in (".", "'", '"', "!", "?"):
+        assert f.keep(doc("\n".join(line + end for line in fw_lines(100, 0, 0)))) == (True, None)
+
+
 def test_fineweb_duplicate_chars_and_list_ratio():
     f = FineWebQualityFilter()
     lines = fw_lines(100, 100, 0)

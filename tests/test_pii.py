@@ -18,6 +18,8 @@ def redact(text: str) -> str:
     ("+44 20 7946 0958", "<PHONE>"),
     ("+1 (212) 555-1234 or +33 6 12 34 56 78", "<PHONE> or <PHONE>"),
     ("call (212) 555-1234, 212-555-1234 or 212.555.1234", "call <PHONE>, <PHONE> or <PHONE>"),
+    ("call (212) 555 1234 or (212)555-1234", "call <PHONE> or <PHONE>"),
+    ("dns 2620:fe::fe, 2a00:1450:4001::200e", "dns <IP>, <IP>"),  # compressed, three groups or more
     ("Berlin 030 1234567, Paris 06 12 34 56 78, London 020 7946 0958", "Berlin <PHONE>, Paris <PHONE>, London <PHONE>"),
 ])
 def test_redacts(text, expected):
@@ -36,6 +38,9 @@ def test_redacts(text, expected):
     "ids 2125551234 and 123456789012 and order #5551234567 and 4111111111111111",
     "not an email: user@localhost, @handle, a@b",
     "math 3+4 = 7 and 1+2-3",
+    "evens = xs[1::2]; rows = df.iloc[10::5]; print(arr[ff::]); np.s_[1::4]; add::beef cafe::babe 2600::",
+    "screen 640 480 1024 and sizes 250 300 4000; mixed 212 555-1234 and 212-555.1234",
+    "<img src='logo@2x.png'> url(icon@3x.webp) sprite@2x.JPG and a.b@c.svg",
 ])
 def test_look_alikes_survive(text):
     assert redact(text) == text

@@ -254,6 +254,15 @@ def test_bad_settings_and_corpora_are_refused_without_touching_out(corpus, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "empty.jsonl", "tok"]  # no temp dirs
 
 
+def test_a_lone_surrogate_in_jsonl_does_not_stop_training(corpus, tmp_path):
+    docs = tmp_path / "docs.jsonl"  # json.dumps writes the lone surrogate as the escape "\udfff"
+    docs.write_text("".join(json.dumps({"text": t + (" \udfff" if i == 3 else "")}) + "\n"
+                            for i, t in enumerate(corpus[1][:20])))
+    manifest = train_tokenizer(TokenizerConfig(vocab_size=265), docs, tmp_path / "tok")
+    f = manifest["figures"]
+    assert f["train_documents"] + f["heldout_documents"] == 20
+
+
 def test_smallest_byte_level_vocabulary_is_pure_bytes(corpus, tmp_path):
     train_tokenizer(TokenizerConfig(vocab_size=265), corpus[0], tmp_path / "tok")
     tok = Tokenizer.load(tmp_path / "tok")

@@ -132,6 +132,17 @@ def test_bad_inputs_are_refused(setup, tmp_path):
     assert shard_dtype(65536) == np.uint16 and shard_dtype(65537) == np.uint32
 
 
+def test_a_lone_surrogate_in_jsonl_is_a_replacement_character(setup, tmp_path):
+    _, _, tok_dir = setup
+    corpus = tmp_path / "docs.jsonl"  # json.dumps writes the lone surrogate as the escape "\ud800"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["alpha \ud800 beta", "gamma the code"]))
+    manifest = tokenize(TokenizeConfig(val_fraction=0.0, workers=1), corpus, tok_dir, tmp_path / "out")
+    assert manifest["figures"]["documents"] == 2
+    tok = Tokenizer.load(tok_dir)
+    texts = sorted(tok.decode(d[1:].tolist()) for d in read_split(tmp_path / "out", "train"))
+    assert texts == ["alpha \ufffd beta", "gamma the code"]
+
+
 # ------------------------------------------------------------------------------------------ the loader
 
 

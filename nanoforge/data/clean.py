@@ -142,8 +142,9 @@ def _shard_dir(work: Path, index: int) -> Path:
     return work / f"shard-{index:05d}"
 
 
-def _clean_shard(path: str, index: int, work: str, cfg: CleanConfig) -> int:
-    """One task: the per-document steps over input file `path`, written to `work/shard-NNNNN/`.
+def _clean_shard(path: str, index: int, work: str, cfg: CleanConfig, root: str) -> int:
+    """One task: the per-document steps over input file `path` (of the input `root`, which the ids the
+    documents are given name it under), written to `work/shard-NNNNN/`.
 
     A file that cannot be read as documents (a missing or mistyped `text` column, bad JSON, …) is not
     fatal: the documents read before the error are kept and the error goes to the report. The shard
@@ -155,7 +156,7 @@ def _clean_shard(path: str, index: int, work: str, cfg: CleanConfig) -> int:
     removed: list[Document] = []
     bytes_in, error = 0, None
     try:
-        for doc in iter_documents(path):
+        for doc in iter_documents(path, root=root):
             bytes_in += _clean_one(doc, steps, kept, removed)
     except NanoforgeError as e:
         error = str(e)
@@ -223,6 +224,19 @@ def _exact_duplicates(work: Path, shards: int, ids: list[str], gone: dict[str, l
     return drops_by_key((key.tobytes(), doc_id) for doc_id, key in zip(ids, keys, strict=True) if doc_id not in gone)
 
 
+def _refuse_duplicate_ids(docs: Path, results: list[dict[str, Any]], ids: list[str]) -> None:
+    """The dedup steps tell documents apart by id (the drop map is keyed by it): with two documents of one
+    id, dropping the duplicate would drop the other as well, so such a corpus is refused."""
+    counts = Counter(ids)
+    if len(counts) == len(ids):
+        return
+    dup = next(i for i in ids if counts[i] > 1)
+    where = [r["file"] for r in results if dup in r["ids"]]
+    repeated = sum(n > 1 for n in counts.values())
+    raise NanoforgeError(f"{docs}: {repeated} document id(s) occur more than once, e.g. {dup!r} "
+                         f"(in {', '.join(where)}); exact_dedup and near_dedup need unique ids")
+
+
 def _work_state(cfg: CleanConfig, files: list[Path]) -> dict[str, Any]:
     """What a resumed run must share with the run that left the work directory: config and input files."""
     return {"config": to_jsonable(cfg),
@@ -268,7 +282,7 @@ def clean(cfg: CleanConfig, docs: Path, out: Path, *, executor: str = "local", a
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(files)))
     with open_executor(executor, workers=workers, address=address) as ex:
         with tqdm(total=len(files), initial=done, desc="clean", unit="shard", dynamic_ncols=True) as bar:
-            for _ in ex.map_unordered(_clean_shard, [(str(files[i]), i, str(work), cfg) for i in todo]):
+            for _ in ex.map_unordered(_clean_shard, [(str(files[i]), i, str(work), cfg, str(docs)) for i in todo]):
                 bar.update(1)
         results = [json.loads((_shard_dir(work, s) / "result.json").read_text()) for s in range(len(files))]
         file_errors = [r["error"] for r in results if r["error"]]
@@ -278,6 +292,8 @@ def clean(cfg: CleanConfig, docs: Path, out: Path, *, executor: str = "local", a
             name: _merge_reports([r["reports"][name] for r in results], cfg.examples_per_reason)
             for name in cfg.steps if name in DOCUMENT_STEPS}
         ids = [i for r in results for i in r["ids"]]
+        if any(s in CORPUS_STEPS for s in cfg.steps):
+            _refuse_duplicate_ids(docs, results, ids)
         gone: dict[str, list[str]] = {}  # dropped id -> [step, reason, duplicate_of]
         for name in (s for s in cfg.steps if s in CORPUS_STEPS):
             if name == "exact_dedup":

@@ -127,8 +127,8 @@ class _Host:
     last_start: float = 0.0
     next_time: float = 0.0
 
-    def allows(self, url: str, user_agent: str) -> bool:
-        return self.rules.can_fetch(url, user_agent) if self.rules is not None else self.allow_all
+    def allows(self, url: str, robot_name: str) -> bool:
+        return self.rules.can_fetch(url, robot_name) if self.rules is not None else self.allow_all
 
     def reserve(self) -> float:
         """Book this host's next request slot; returns its start time (monotonic)."""
@@ -178,6 +178,9 @@ class _Crawler:
                 self._enqueue(entry)
         self.pages_at_start = self.stats.pages
         self.store = WarcStore(out, next_index, max_bytes=cfg.warc_max_bytes, user_agent=cfg.user_agent)
+        # robots.txt groups name a product token (RFC 9309 §2.2.1); matched against the whole header, a group
+        # "User-agent: 0.1" would apply to "nanoforge-crawler/0.1"
+        self.robot_name = cfg.user_agent.split("/", 1)[0].strip() or cfg.user_agent
         start = [] if lines else [{"t": "start", "seeds": seeds, "allow_domains": domains}]
         for line in [*start, {"t": "session", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]:
             self.stats.apply(line)
@@ -240,7 +243,7 @@ class _Crawler:
                     return "robots", best, None
                 entry = best.queue.popleft()
                 self.queued -= 1
-                if not best.allows(entry.url, self.cfg.user_agent):
+                if not best.allows(entry.url, self.robot_name):
                     return "disallowed", best, entry
                 best.reserve()
                 return "fetch", best, entry
@@ -357,7 +360,8 @@ class _Crawler:
                 url = target
                 continue
             if 200 <= result.status < 300:
-                host.rules = Protego.parse(result.body.decode("utf-8", errors="replace"))
+                # utf-8-sig: a leading BOM (RFC 9309 §2.3 allows one) would glue onto the first "User-agent" line
+                host.rules = Protego.parse(result.body.decode("utf-8-sig", errors="replace"))
                 line["outcome"] = "rules"
             else:  # 4xx (and redirects past the limit) mean "no robots.txt": all allowed; 429/5xx mean none
                 host.allow_all = result.status < 500 and result.status != 429
@@ -369,7 +373,7 @@ class _Crawler:
             skips: Counter = Counter()
             for sitemap in listed or [f"{host.origin}/sitemap.xml"]:
                 self._admit(sitemap, None, 0, skips, new, kind="sitemap")
-        crawl_delay = host.rules.crawl_delay(self.cfg.user_agent) if host.rules is not None else None
+        crawl_delay = host.rules.crawl_delay(self.robot_name) if host.rules is not None else None
         host.delay = max(self.cfg.delay, float(crawl_delay or 0.0))
         host.next_time = max(host.next_time, host.last_start + host.delay)
         host.state = "ready"

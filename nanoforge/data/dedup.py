@@ -260,7 +260,7 @@ def compute_signatures(docs: Path | str, work: Path | str, cfg: LSHConfig | None
     begin_signatures(work, cfg, len(files))
     n_docs = 0
     for s, f in enumerate(files):
-        shard = list(iter_documents(f))
+        shard = list(iter_documents(f, root=docs))  # the ids a whole read of `docs` gives
         write_shard_signatures(work, s, [d.id for d in shard], hasher.signatures(d.text for d in shard), cfg)
         n_docs += len(shard)
     return {"documents": n_docs, "shards": len(files), "index_bytes": n_docs * cfg.num_perm * 4}

@@ -7,11 +7,16 @@ file of Parquet shards, JSONL (a `text` field per line) or plain `.txt` (one doc
 
     for doc in iter_documents("runs/demo/03-extract"):
         print(doc.id, len(doc.text))
+
+A record without an id gets one from its file's path under DOCS, without the suffix, and its line (JSONL)
+or row (Parquet): `a/x:3` for DOCS/a/x.jsonl line 3, `a/y` for DOCS/a/y.txt. The folders are part of it
+because `a/x.jsonl` and `b/x.jsonl` must not give the same ids: dedup keys its drops by id.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,10 @@ from nanoforge.errors import NanoforgeError
 DOC_SUFFIXES = (".parquet", ".jsonl", ".txt")
 CORE_COLUMNS = ("id", "text", "url", "source")
 SCHEMA = pa.schema([(name, pa.string()) for name in CORE_COLUMNS])
+# JSON can spell a lone surrogate ("\ud800"), which is no character: UTF-8 cannot encode it, so Parquet,
+# tokenizers and every later `.encode()` would fail on the document. Only lines with such an escape are searched
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads has joined the valid pairs already
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,14 @@ def _not_documents(path: Path) -> list[Path]:
     return [path / "removed"] if stage == "clean" else []
 
 
-def _read_parquet(path: Path) -> Iterator[Document]:
+def document_name(file: Path, root: Path) -> str:
+    """What the generated ids of `file`'s records start with: its path under `root` without the suffix
+    ('a/x' for root/a/x.jsonl), or its stem where `root` is the file itself."""
+    rel = file.relative_to(root) if root in file.parents else Path(file.name)
+    return rel.with_suffix("").as_posix()
+
+
+def _read_parquet(path: Path, name: str) -> Iterator[Document]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
@@ -81,14 +97,14 @@ def _read_parquet(path: Path) -> Iterator[Document]:
         d = batch.to_pydict()
         for i, text in enumerate(d["text"]):
             if text is not None:
-                doc_id = d["id"][i] if "id" in d else f"{path.stem}:{row}"
+                doc_id = d["id"][i] if "id" in d else f"{name}:{row}"
                 yield Document(str(doc_id), text, (d.get("url") or [""] * (i + 1))[i] or "",
                                (d.get("source") or [""] * (i + 1))[i] or "",
                                {c: d[c][i] or "" for c in meta_cols})
             row += 1
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
+def _read_jsonl(path: Path, name: str) -> Iterator[Document]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -101,23 +117,34 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
                 raise NanoforgeError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise NanoforgeError(f"{path}:{lineno}: record has no string 'text' field")
-            yield Document(str(rec.get("id", f"{path.stem}:{lineno}")), rec["text"],
-                           str(rec.get("url", "") or ""), str(rec.get("source", "") or ""))
+            fields = (str(rec.get("id", f"{name}:{lineno}")), rec["text"], str(rec.get("url", "") or ""),
+                      str(rec.get("source", "") or ""))
+            if _SURROGATE_ESCAPE.search(raw):
+                fields = tuple(_LONE_SURROGATE.sub("\ufffd", f) for f in fields)
+            yield Document(*fields)
 
 
-def _read_txt(path: Path) -> Iterator[Document]:
+def _read_txt(path: Path, name: str) -> Iterator[Document]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise NanoforgeError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    yield Document(path.stem, text, "", "txt")
+    yield Document(name, text, "", "txt")
 
 
-def iter_documents(path: Path | str) -> Iterator[Document]:
-    """Every document under DOCS, in a deterministic order (files sorted, records in file order)."""
+def iter_documents(path: Path | str, *, root: Path | str | None = None) -> Iterator[Document]:
+    """Every document under DOCS, in a deterministic order (files sorted, records in file order).
+
+    Generated ids name each file by its path under `root` (default: DOCS itself), so a stage that reads
+    the files of DOCS one at a time passes DOCS as `root` to get the ids a whole read gives. Lone
+    surrogates in JSONL become U+FFFD.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path
     for f in list_document_files(path):
+        name = document_name(f, root)
         reader = {".parquet": _read_parquet, ".jsonl": _read_jsonl, ".txt": _read_txt}[f.suffix]
-        yield from reader(f)
+        yield from reader(f, name)
 
 
 def read_texts(path: Path | str) -> list[str]:

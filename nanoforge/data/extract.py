@@ -4,12 +4,13 @@
     nanoforge extract CC-MAIN-x.warc.gz pages/ more.jsonl --out docs/ --extractor trafilatura --workers 8
 
 Inputs are WARC/WARC.gz (ours and Common Crawl's), WET, folders of .html/.htm files, JSONL and Parquet
-with a `text` column (see `nanoforge.data.sources`). Each HTML page is decoded (byte-order mark, then
-UTF-8 if the bytes are valid UTF-8, then the charset the HTTP header or `<meta>` declares if the bytes
-agree with it, then `uchardet` detection), cut to `max_page_bytes`, and its main text is extracted;
-WET/JSONL/Parquet text is taken as it is. Control characters are removed and non-breaking spaces become
-spaces; a text shorter than `min_chars` is skipped as `too_short`, a page an extractor fails on as
-`extract_error` (the reasons the readers count are listed in `nanoforge.data.sources`).
+with a `text` column (see `nanoforge.data.sources`). Each HTML page is cut to `max_page_bytes` and decoded
+(byte-order mark, then UTF-8 if the bytes are UTF-8 but for a character cut at the end or a few bad bytes,
+then the charset the HTTP header or `<meta>` declares if the bytes agree with it, then `uchardet`
+detection), and its main text is extracted; WET/JSONL/Parquet text is taken as it is. Control characters
+are removed and non-breaking spaces become spaces; a text shorter than `min_chars` is skipped as
+`too_short`, a page an extractor fails on as `extract_error` (the reasons the readers count are listed in
+`nanoforge.data.sources`).
 
 Output: `docs-00000.parquet`, … with columns `id, text, url, source, fetch_date, content_hash, language,
 extractor`. `id` is the input's own id (JSONL/Parquet) or sha256(url, fetch date)[:32], so it is stable
@@ -92,29 +93,58 @@ class ExtractConfig:
 # ---------------------------------------------------------------------------------------------- one page
 
 
-def decode_html(payload: bytes, charset_hint: str = "") -> str:
-    """A page's bytes as text: BOM, then valid UTF-8, then a declared charset the bytes agree with, then detection.
+def _utf8_tally(text: str, payload: bytes) -> tuple[int, int]:
+    """(valid non-ASCII characters, invalid sequences) of `text`, `payload` decoded as UTF-8 with errors replaced.
 
-    A declaration is trusted only if the bytes decode under it without error, because servers and pages
-    lie (UTF-8 declared over Windows-1252 bytes is the classic); the last resort never fails.
+    Other charsets' non-ASCII bytes rarely form valid UTF-8: Windows-1252 and Cyrillic text next to never,
+    GBK/Shift_JIS/EUC-KR/Big5 text at under 0.4 valid characters per invalid sequence, while a UTF-8 page with
+    a stray Latin-1 byte has many valid ones per bad one.
+    """
+    replaced = text.count("\ufffd")
+    return len(text) - len(text.encode("ascii", "ignore")) - replaced, replaced - payload.count("\ufffd".encode())
+
+
+def _decode(payload: bytes, label: str) -> str:
+    """`payload` in the charset `label`, undecodable bytes replaced. UTF-8 is decoded here: resiliparse's
+    bytes_to_str would fall back to Windows-1252 on one bad byte and make the whole text mojibake."""
+    if map_encoding_to_html5(label, fallback_utf8=False) == "utf-8":
+        return payload.decode("utf-8", "replace")
+    return bytes_to_str(payload, label, errors="replace")
+
+
+def decode_html(payload: bytes, charset_hint: str = "") -> str:
+    """A page's bytes as text: BOM, then UTF-8, then a declared charset the bytes agree with, then detection.
+
+    UTF-8 wins if the bytes are valid UTF-8 but for a character cut at the end (pages are cut at
+    `max_page_bytes`) or a few bad bytes (`_utf8_tally`; fewer valid characters are enough where UTF-8 is
+    declared): valid UTF-8 is almost never another charset, and decoding the rest as Windows-1252 would make
+    every character mojibake to save one. Another declaration is trusted only if the bytes decode under it
+    without error, because servers and pages lie (UTF-8 declared over Windows-1252 bytes is the classic); the
+    last resort never fails.
     """
     if payload.startswith(codecs.BOM_UTF8):
         return payload[3:].decode("utf-8", "replace")
     if payload.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return payload.decode("utf-16", "replace")
     try:
-        return payload.decode("utf-8")  # pure ASCII too; valid UTF-8 is almost never another charset
+        # pure ASCII too; final=False leaves out a character cut at the end instead of failing on it
+        return codecs.utf_8_decode(payload, "strict", False)[0]
     except UnicodeDecodeError:
         pass
     # the HTTP charset, then <meta charset> (detect_encoding reads it, or guesses when there is none)
-    for label in (charset_hint, detect_encoding(payload, from_html_meta=True)):
-        encoding = map_encoding_to_html5(label, fallback_utf8=False) if label else None
+    labels = (charset_hint, detect_encoding(payload, from_html_meta=True))
+    encodings = [map_encoding_to_html5(label, fallback_utf8=False) if label else None for label in labels]
+    text = payload.decode("utf-8", "replace")
+    good, bad = _utf8_tally(text, payload)
+    if good >= 4 * bad or ("utf-8" in encodings and good >= bad):
+        return text
+    for encoding in encodings:
         if encoding and encoding != "utf-8":
             try:
                 return payload.decode(encoding)
             except (LookupError, UnicodeDecodeError):
                 pass
-    return bytes_to_str(payload, detect_encoding(payload), errors="replace")
+    return _decode(payload, detect_encoding(payload))
 
 
 def main_text(html: str, extractor: str = "resiliparse") -> str:
@@ -159,8 +189,8 @@ def to_document(rec: RawRecord, cfg: ExtractConfig, skips: SkipCounter) -> Docum
         except Exception:  # the extractors' parsers raise several types on hostile pages; one page, not the run
             skips.skip("extract_error", where)
             return None
-    elif isinstance(rec.payload, bytes):
-        text = bytes_to_str(rec.payload, rec.charset_hint or "utf-8", errors="replace")
+    elif isinstance(rec.payload, bytes):  # WET conversion records: UTF-8 (possibly cut mid-character)
+        text = _decode(rec.payload, rec.charset_hint or "utf-8")
     else:
         text = rec.payload
     text = clean_text(text)

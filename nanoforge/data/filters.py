@@ -115,8 +115,9 @@ class Filter(Step):
 PUNCTUATION = frozenset(string.punctuation) | frozenset("…–—‘’“”«»¡¿·•")
 BULLETS = ("•", "●", "○", "▪", "◦", "‣", "⁃", "-", "*", "–", "—")
 ELLIPSES = ("...", "…")
-# end-of-line punctuation (datatrove's C4 END_PUNCTUATION plus common non-ASCII terminals)
-TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", ":", ";")
+# end-of-line punctuation: datatrove's C4 END_PUNCTUATION, and the stop_chars of its FineWeb filter as published
+# (the thresholds were tuned with these; lines ending in ':', ';', '…' or CJK stops do not count)
+TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'")
 
 
 def _is_symbol_word(word: str) -> bool:
@@ -315,7 +316,7 @@ class C4Filter(Step):
             line = line.strip()
             if self.remove_citations:
                 line = _CITATION.sub("", line).strip()
-            if not line.endswith(TERMINAL_PUNCTUATION[:5]) or line.endswith("..."):
+            if not line.endswith(TERMINAL_PUNCTUATION) or line.endswith("..."):
                 continue
             words = line.split()
             if len(words) < self.min_words_per_line or max(len(w) for w in words) > self.max_word_length:
@@ -341,7 +342,7 @@ class FineWebQualityFilter(Filter):
     and in datatrove's `FineWebQualityFilter`. Only the first `max_chars` characters are analysed."""
 
     name: ClassVar[str] = "fineweb_quality"
-    min_line_punct_ratio: float = 0.12  # fraction of lines ending in terminal punctuation
+    min_line_punct_ratio: float = 0.12  # fraction of lines ending in . ! ? " ' (TERMINAL_PUNCTUATION)
     max_short_line_ratio: float = 0.67  # fraction of lines of at most `short_line_length` chars
     short_line_length: int = 30
     max_dup_line_char_ratio: float = 0.01  # characters in repeated lines / all non-newline characters

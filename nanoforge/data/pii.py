@@ -7,17 +7,22 @@
 
 Rules (precision first: a false positive destroys useful text such as code or tables):
 
-- e-mail: `local@domain.tld`, local part and host labels bounded in length, TLD of 2+ letters.
+- e-mail: `local@domain.tld`, local part and host labels bounded in length, TLD of 2+ letters; not image
+  names such as `logo@2x.png`, `icon@3x.webp` (no TLD is an image extension; the `2x` alone is no sign:
+  `10x.com` is a domain).
 - IP: IPv4 with valid octets (0–255, no leading zeros) and IPv6 that `ipaddress` parses; only
   globally routable addresses are replaced. Private (10/8, 172.16/12, 192.168/16, fc00::/7), loopback,
   link-local, reserved, multicast, unspecified and documentation ranges (192.0.2/24, 198.51.100/24,
   203.0.113/24, 2001:db8::/32) stay, as they identify nobody. An address must not touch a digit, a
   letter or a dot-digit on either side, so `1.2.3.4.5` and `v3.11.2.1` survive, and a dotted quad
-  right after a version cue ("version", "python", "release", …) is treated as a version string.
-- phone: international `+CC …` with 8–15 digits (E.164), NANP `(212) 555-1234` / `212-555-1234`
-  (separators required, so bare digit runs such as IDs are kept), and European trunk-prefixed
-  `030 1234567`, `06 12 34 56 78`, `020 7946 0958` with 9–12 digits. Candidates that look like dates,
-  or that touch other digits, letters or hyphenated digit groups (ISBNs), are kept.
+  right after a version cue ("version", "python", "release", …) is treated as a version string. A
+  compressed IPv6 address needs 3+ groups (`2001:db8::1`): slices (`xs[1::2]`, `arr[ff::]`) and
+  words (`add::beef`) are valid IPv6 with one or two.
+- phone: international `+CC …` with 8–15 digits (E.164), NANP `(212) 555-1234` / `212-555-1234` /
+  `212.555.1234` (separators required and the same twice, so bare digit runs such as IDs are kept; a
+  space only after a parenthesised area code, as `640 480 1024` is more often sizes than a number), and
+  European trunk-prefixed `030 1234567`, `06 12 34 56 78`, `020 7946 0958` with 9–12 digits. Candidates
+  that look like dates, or that touch other digits, letters or hyphenated digit groups (ISBNs), are kept.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from nanoforge.data.filters import Step
 EMAIL = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![\w-])")
+# high-resolution image names look like addresses: 'logo@2x.png', 'icon@3x.webp'; no TLD is one of these
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "webp", "svg", "avif", "bmp", "ico", "tif", "tiff"})
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"(?<![\w.])(?<!\d\.){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:)?(?![\w:])")
@@ -43,7 +50,8 @@ _SEP = r"[ \t.\-]"
 PHONE = re.compile(
     r"(?<![\w+\-./])(?:"
     rf"\+[1-9]\d{{0,2}}(?:{_SEP}?\(\d{{1,5}}\)|{_SEP}?\d{{1,5}}){{2,6}}"  # +44 20 7946 0958, +1 (212) 555-1234
-    rf"|(?:\([2-9]\d{{2}}\) ?|[2-9]\d{{2}}[ .\-])[2-9]\d{{2}}[ .\-]\d{{4}}"  # (212) 555-1234, 212-555-1234
+    r"|\([2-9]\d{2}\) ?[2-9]\d{2}[ .\-]\d{4}"  # (212) 555-1234
+    r"|[2-9]\d{2}(?P<sep>[.\-])[2-9]\d{2}(?P=sep)\d{4}"  # 212-555-1234, 212.555.1234
     r"|0\d{1,4}(?:[ /\-]\d{2,8}){1,4}"  # 030 1234567, 06 12 34 56 78, 020 7946 0958
     r")(?![\w]|[\-./]\d)")
 DATE_LIKE = re.compile(r"^\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}")
@@ -75,6 +83,8 @@ class PIIRedactor(Step):
         counts = {"email": 0, "ip": 0, "phone": 0}
 
         def email(m: re.Match[str]) -> str:
+            if m.group().rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+                return m.group()
             counts["email"] += 1
             return self.email_token
 
@@ -85,8 +95,9 @@ class PIIRedactor(Step):
             return self.ip_token
 
         def ipv6(m: re.Match[str]) -> str:
-            if m.group().count(":") < 2 or not _public(m.group()):
-                return m.group()
+            s = m.group()
+            if s.count(":") < 2 or ("::" in s and len([g for g in s.split(":") if g]) < 3) or not _public(s):
+                return s
             counts["ip"] += 1
             return self.ip_token
 

@@ -46,8 +46,7 @@ def corpus_stats(cfg: StatsConfig, docs: Path, out: Path, tokenizer: Path | None
         from nanoforge.tokenizer import Tokenizer
 
         tok = Tokenizer.load(tokenizer)
-    counts = {"documents": 0, "empty_documents": 0, "invalid_documents": 0, "bytes": 0, "chars": 0, "words": 0,
-              "tokens": 0}
+    counts = {"documents": 0, "empty_documents": 0, "bytes": 0, "chars": 0, "words": 0, "tokens": 0}
     batch: list[str] = []
 
     def flush() -> None:
@@ -56,16 +55,11 @@ def corpus_stats(cfg: StatsConfig, docs: Path, out: Path, tokenizer: Path | None
         batch.clear()
 
     for doc in tqdm(iter_documents(docs), desc="stats", unit="doc", dynamic_ncols=True):
-        try:
-            n_bytes = len(doc.text.encode("utf-8"))
-        except UnicodeEncodeError:  # lone surrogates (possible in JSONL): not text, counted and skipped
-            counts["invalid_documents"] += 1
-            continue
         if not doc.text.strip():
             counts["empty_documents"] += 1
             continue
         counts["documents"] += 1
-        counts["bytes"] += n_bytes
+        counts["bytes"] += len(doc.text.encode("utf-8"))
         counts["chars"] += len(doc.text)
         counts["words"] += len(doc.text.split())
         batch.append(doc.text)
@@ -102,8 +96,7 @@ def stats_table(stats: dict[str, Any]) -> str:
     pm, p4 = stats["projection_measured"], stats["projection_4_bytes_per_token"]
     rows = [
         ("documents", f"{stats['documents']:,}"
-         + (f" (+{stats['empty_documents']} empty, {stats['invalid_documents']} invalid skipped)"
-            if stats["empty_documents"] or stats["invalid_documents"] else "")),
+         + (f" (+{stats['empty_documents']} empty skipped)" if stats["empty_documents"] else "")),
         ("bytes", f"{stats['bytes']:,} ({stats['bytes'] / 1e6:.2f} MB)"),
         ("words", f"{stats['words']:,} ({stats['words_per_document']:.0f} per document)"),
         ("tokens", f"{stats['tokens']:,} ({how})"),

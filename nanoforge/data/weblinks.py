@@ -19,6 +19,8 @@ NON_HTML_EXTENSIONS = frozenset(
 )
 _HAS_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:")
 _SITEMAP_LOC = re.compile(rb"<loc>\s*(.*?)\s*</loc>", re.S | re.I)
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})?")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 # ------------------------------------------------------------------------------------------------ URLs
@@ -40,11 +42,25 @@ def _remove_dot_segments(path: str) -> str:
     return "/".join(out)
 
 
+def _normalize_percent(text: str) -> str:
+    """RFC 3986 §6.2.2.1-2: '%7e' → '~' (an unreserved character is the same URL either way), '%2f' → '%2F',
+    and a '%' that starts no escape → '%25', so that each resource has one spelling."""
+
+    def fix(m: re.Match) -> str:
+        if m.group(1) is None:
+            return "%25"
+        char = chr(int(m.group(1), 16))
+        return char if char in _UNRESERVED else "%" + m.group(1).upper()
+
+    return _PERCENT.sub(fix, text)
+
+
 def normalize_url(url: str, base: str | None = None) -> str | None:
     """The crawler's key for a URL (resolved against `base`), or None if it is not an http(s) URL.
 
     Drops the fragment and any user info, lowercases scheme and host (IDNA-encoded), removes the default port,
-    resolves '.' and '..', percent-encodes what must be, keeps the query: 'HTTP://Ex.org:80/a/../b?q#f' →
+    percent-encodes what must be and normalises the escapes there are (`_normalize_percent`), resolves '.' and
+    '..' (after that, so that '%2E' counts as '.'), keeps the query: 'HTTP://Ex.org:80/a/../b?q#f' →
     'http://ex.org/b?q'.
     """
     url = url.strip().replace("\t", "").replace("\n", "").replace("\r", "")  # as browsers do (WHATWG URL)
@@ -62,8 +78,8 @@ def normalize_url(url: str, base: str | None = None) -> str | None:
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
-    path = quote(_remove_dot_segments(parts.path), safe="/%!$&'()*+,;=:@~") or "/"
-    query = quote(parts.query, safe="/?%!$&'()*+,;=:@~")
+    path = _remove_dot_segments(_normalize_percent(quote(parts.path, safe="/%!$&'()*+,;=:@~"))) or "/"
+    query = _normalize_percent(quote(parts.query, safe="/?%!$&'()*+,;=:@~"))
     return urlunsplit((scheme, netloc, path, query, ""))
 
 
