@@ -16,13 +16,14 @@ keep their dtype unless `--dtype` asks for another (an import keeps the checkpoi
 
 An export holds `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer
 (`tokenizer.json`, `tokenizer_config.json` with a Jinja `chat_template` that renders exactly what
-`Tokenizer.render_chat` does, `special_tokens_map.json`). An import reads `model.safetensors` or the shards
-named by `model.safetensors.index.json`, refuses pickled `.bin` weights (never unpickled) and refuses, with
-the field named, what our GPT cannot compute: biases in the attention (Qwen2), RoPE scaling (Llama 3.1),
-sliding windows, a `head_dim` other than hidden/heads, other activations. Dropout rates are not part of
-the model's function and nanoforge trains without dropout: an import lists them under `ignored` in its
-manifest, an export writes 0. The tokenizer files are copied as they are; nanoforge's own stages need a
-nanoforge tokenizer (special tokens at ids 0..8).
+`Tokenizer.render_chat` does, `special_tokens_map.json`); a nanoforge tokenizer is exported adding `<|bos|>`
+before a text, as nanoforge's own prompts start, and `model_max_length` is the model's context. An import
+reads `model.safetensors` or the shards named by `model.safetensors.index.json`, refuses pickled `.bin`
+weights (never unpickled) and refuses, with the field named, what our GPT cannot compute: biases in the
+attention (Qwen2), RoPE scaling (Llama 3.1), sliding windows, a `head_dim` other than hidden/heads, other
+activations. Dropout rates are not part of the model's function and nanoforge trains without dropout: an
+import lists them under `ignored` in its manifest, an export writes 0. The tokenizer files are copied as
+they are; nanoforge's own stages need a nanoforge tokenizer (special tokens at ids 0..8).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 from torch import Tensor
 
 from nanoforge.artifacts import SAFETENSORS_METADATA, atomic_dir, atomic_write_json, write_manifest
@@ -402,6 +404,20 @@ def _check_distinct(src: Path, out: Path) -> None:
         raise NanoforgeError(f"{out}: the output would replace the input; choose another --out")
 
 
+def _add_bos_processor(path: Path) -> None:
+    """Make the `tokenizer.json` at `path` start every encoded text with `<|bos|>`, as nanoforge's text prompts
+    do (`ChatModel.text_prompt`; every training document starts with it): without it `tokenizer(text)` and
+    the text-generation pipeline feed the model a prompt it never saw the like of, and it continues
+    differently. A pair of texts is two documents, each opened by `<|bos|>`. The chat template writes its
+    own `<|bos|>` and `apply_chat_template` tokenizes with `add_special_tokens=False`, so chats get one;
+    nanoforge's own `Tokenizer` never adds special tokens, so an import of this file encodes as before."""
+    hf = HFTokenizer.from_file(str(path))
+    bos = SPECIAL_TOKENS[0]
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                                      special_tokens=[(bos, hf.token_to_id(bos))])
+    path.write_text(hf.to_str(pretty=True), encoding="utf-8")
+
+
 def export_hf(cfg: ExportConfig, model_dir: Path | str, out: Path | str,
               tokenizer: Path | str | None = None) -> dict[str, Any]:
     """Write the model artifact in `model_dir` as a `transformers` checkpoint directory `out`; the manifest.
@@ -431,8 +447,13 @@ def export_hf(cfg: ExportConfig, model_dir: Path | str, out: Path | str,
     ids, ours = _token_ids(tok_dir)
     tok_config = _read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").exists() else {}
     tok_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    tok_config["model_max_length"] = mcfg.seq_len  # what `transformers` truncates to and warns beyond
     if ours and not (tok_dir / "chat_template.jinja").exists():
         tok_config.setdefault("chat_template", CHAT_TEMPLATE)
+    if ours:
+        # says what tokenizer.json's post-processor (below) does, for tools that read the flag; transformers
+        # takes the post-processor itself from tokenizer.json
+        tok_config["add_bos_token"] = True
     with atomic_dir(out) as tmp:
         (tmp / "model.safetensors").write_bytes(save(hf_state, metadata={"format": "pt"}))
         atomic_write_json(tmp / "config.json", hf_config(mcfg, ids, dtype))
@@ -441,6 +462,8 @@ def export_hf(cfg: ExportConfig, model_dir: Path | str, out: Path | str,
         for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
             if (tok_dir / name).exists():
                 shutil.copyfile(tok_dir / name, tmp / name)
+        if ours:
+            _add_bos_processor(tmp / "tokenizer.json")
         has_template = "chat_template" in tok_config or (tok_dir / "chat_template.jinja").exists()
         figures = {"architecture": hf_config(mcfg)["architectures"][0], "dtype": dtype,
                    "parameters": sum(t.numel() for t in hf_state.values()), "chat_template": has_template}

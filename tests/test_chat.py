@@ -118,6 +118,18 @@ def test_oldest_turns_are_dropped_when_the_context_is_full(cm: ChatModel) -> Non
     assert "dropped the oldest" in stderr.getvalue() and "error: the message is" in stderr.getvalue()
 
 
+def test_a_refused_message_leaves_the_conversation_as_it_was(cm: ChatModel) -> None:
+    scripted = ScriptedModel(cm, ["Hi there.", "Again, hi."])
+    stderr = io.StringIO()
+    chat(scripted, ChatConfig(max_new_tokens=8), io.StringIO("hello\n" + "word " * 100 + "\nagain\n"), io.StringIO(),
+         stderr)
+    assert "error: the message is" in stderr.getvalue() and "dropped" not in stderr.getvalue()
+    # trying to fit the over-long message dropped no earlier turn: the next one still sees them
+    assert scripted.prompts[1] == cm.tok.render_prompt([
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi there."},
+        {"role": "user", "content": "again"}])
+
+
 def test_cli_chat_reads_stdin_and_refuses_bad_flags(model_dir: Path, cm: ChatModel, monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     assert main(["chat", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "6",

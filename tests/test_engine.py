@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoforge.errors import NanoforgeError
-from nanoforge.infer.engine import CpuDecodeStep, Decoder, _DecodeStep, _draw, generate, stream
+from nanoforge.infer.engine import CpuDecodeStep, Decoder, _DecodeStep, _draw, _sample, generate, stream
 from nanoforge.model import GPT, KVCache, ModelConfig
 
 V, T = 61, 48
@@ -143,6 +143,16 @@ def test_top_k_1_is_greedy() -> None:
     greedy = generate(m, PROMPTS, max_new_tokens=8, temperature=0.0)
     assert generate(m, PROMPTS, max_new_tokens=8, temperature=1.3, top_k=1, seed=3) == greedy
     assert generate(m, PROMPTS, max_new_tokens=8, temperature=1.3, top_p=1e-6, seed=3) == greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45, 5e-324])
+def test_tiny_temperatures_are_greedy_not_nan(temperature: float) -> None:
+    # logits / 1e-38 overflow float32 to inf, inf - inf is NaN in the softmax; 5e-324 is 0 in float32
+    m = model_of("gpt2")
+    greedy = generate(m, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert generate(m, PROMPTS, max_new_tokens=8, temperature=temperature, seed=3) == greedy
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0)) * 50
+    assert torch.equal(_sample(logits, temperature, 5, 0.9, None), logits.argmax(dim=-1))
 
 
 def test_stream_yields_what_generate_returns() -> None:

@@ -13,6 +13,8 @@ import asyncio
 import json
 import random
 import sqlite3
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +155,41 @@ def test_resubmission_unassigned_and_bad_requests_are_refused(db: Path, url: str
     out = asyncio.run(run())
     assert out == {"same": True, "double": [201, 409], "unassigned": 404, "bad": [400, 400, 400, 400], "big": 413}
     assert rows(db, "SELECT COUNT(*) FROM judgements") == [(1,)]
+
+
+def test_malformed_requests_get_a_json_4xx_and_a_bug_a_json_500(db: Path, url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    headers = {"Authorization": "Bearer token-00-secret"}
+
+    async def run() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async with s.get(url + "api/next") as r:
+                item_id = (await r.json())["item_id"]
+            bodies = {"deep": b"[" * 60_000,  # deeper than json.loads recurses (and under the 64 KiB limit)
+                      "digits": b'{"item_id": 1' + b"0" * 5000 + b', "choice": "A"}',  # beyond int's 4300 digits
+                      "huge_id": json.dumps({"item_id": 10**20, "choice": "A"}).encode()}  # beyond SQLite's INTEGER
+            for name, data in bodies.items():
+                async with s.post(url + "api/judgements", data=data) as r:
+                    out[name] = r.status, bool((await r.json())["error"])
+            async with s.get(url + "api/stats") as r:  # the store breaks (monkeypatched below)
+                out["bug"] = r.status, await r.json()
+            async with s.post(url + "api/judgements", json={"item_id": item_id, "choice": "A"}) as r:
+                out["after"] = r.status
+        return out
+
+    def broken(_: FeedbackStore) -> None:
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(FeedbackStore, "stats", broken)
+    out = asyncio.run(run())
+    assert out == {"deep": (400, True), "digits": (400, True), "huge_id": (400, True),
+                   "bug": (500, {"error": "internal server error (the server's log has the details)"}), "after": 201}
+    # a token that is not UTF-8 (http.client sends str headers as Latin-1 bytes) is an unknown token, not a crash
+    req = urllib.request.Request(url + "api/me", headers={"Authorization": "Bearer \xff\xfe-token-00-secret"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 403 and json.loads(refused.value.read()) == {"error": "unknown token"}
 
 
 def test_annotator_runs_out_of_items(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from nanoforge.cli import main as cli_main
 from nanoforge.errors import NanoforgeError
 from nanoforge.hf import ExportConfig, export_hf, import_hf, to_transformers
+from nanoforge.infer.chat import ChatModel
 from nanoforge.infer.engine import generate
 from nanoforge.model import GPT, ModelConfig
 from nanoforge.tokenizer import Tokenizer
@@ -93,6 +94,31 @@ def test_chat_template_renders_like_render_chat(tiny_tokenizer: Path, tmp_path: 
     stored = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # --dtype bf16
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_transformers_generates_what_nanoforge_does_from_text_and_chat(tiny_chat_model: Path, tmp_path: Path) -> None:
+    """A text prompt starts with <|bos|> in nanoforge (`ChatModel.text_prompt`): the exported tokenizer adds it
+    too, and the chat template's own <|bos|> is not doubled."""
+    export_hf(ExportConfig(), tiny_chat_model, tmp_path / "hf")
+    cm = ChatModel.load(tiny_chat_model, "cpu")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.model_max_length == cm.seq_len
+    peer = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    pipe = transformers.pipeline("text-generation", model=peer, tokenizer=hf_tok)
+    for text in ("json", "Return the", "def"):
+        assert hf_tok(text)["input_ids"] == cm.text_prompt(text)
+        ours = generate(cm.model, [cm.text_prompt(text)], max_new_tokens=8, temperature=0, stop_tokens=cm.text_stop)
+        theirs = pipe(text, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+        assert theirs == cm.tok.decode(ours[0]), text
+    messages = [{"role": "user", "content": "What does json do?"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == cm.chat_prompt(messages) and ids.count(hf_tok.bos_token_id) == 1
+    ours = generate(cm.model, [cm.chat_prompt(messages)], max_new_tokens=8, temperature=0, stop_tokens=cm.chat_stop)
+    theirs = pipe(messages, max_new_tokens=8, do_sample=False)[0]["generated_text"][-1]
+    assert theirs == {"role": "assistant", "content": cm.tok.decode(ours[0])}
+    # nanoforge's own tokenizer never adds special tokens: an import of this tokenizer encodes as before
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert Tokenizer.load(tmp_path / "back").encode("json") == cm.tok.encode("json")
 
 
 def hf_checkpoint(kind: str, out: Path, tokenizer: Path, dtype: torch.dtype = torch.float32, **save_kw) -> None:

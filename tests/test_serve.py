@@ -26,12 +26,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from aiohttp import web
 from conftest import StreamBatch
 
 from nanoforge.infer.batching import ContinuousBatch
 from nanoforge.infer.chat import ChatModel, Sampling
 from nanoforge.infer.engine import generate
-from nanoforge.infer.server import create_app, run_server
+from nanoforge.infer.server import StopStrings, create_app, run_server
 from nanoforge.model import GPT
 
 NAME = "tiny-chat"
@@ -214,6 +215,9 @@ OK_MESSAGES = [{"role": "user", "content": "hi"}]
     ("completions", {"model": NAME, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ("chat/completions", b"{not json", 400, None),
     ("chat/completions", b"[1, 2]", 400, None),
+    ("chat/completions", b"[" * 100_000, 400, None),  # deeper than json.loads recurses
+    ("completions", b'{"model": "tiny-chat", "prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),
+    ("completions", {"model": NAME, "prompt": "a", "stop": ["x", "y" * 257]}, 400, "stop"),
     ("chat/completions", b"x" * (2 << 20), 413, None),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(url: str, path: str, body: object, status: int,
@@ -230,6 +234,27 @@ def test_prompt_longer_than_the_context_names_the_limit(url: str, cm: ChatModel)
                      {"model": NAME, "messages": [{"role": "user", "content": "word " * 200}]})
     assert answer["error"]["code"] == "context_length_exceeded" and f"context is {cm.seq_len}" in \
         answer["error"]["message"]
+
+
+def test_values_nested_almost_too_deep_to_read_are_refused_with_a_400(url: str) -> None:
+    # json.loads reads a little deeper than json.dumps can write from inside the handler: the error message
+    # that quotes the refused value must not fail on it
+    for depth in range(900, 1001, 10):
+        nested = "[" * depth + "]" * depth
+        for field in ("max_tokens", "temperature", "stream"):
+            status, answer = post(url, "v1/completions", f'{{"model": "{NAME}", "prompt": "a", "{field}": {nested}}}'
+                                  .encode())
+            assert status == 400 and answer["error"]["type"] == "invalid_request_error", (depth, field, answer)
+
+
+def test_long_stop_strings_are_refused_and_matching_costs_the_text_not_the_stop() -> None:
+    # the server's limit (MAX_STOP_LENGTH) is in the bad-request cases; the matcher must not lean on it
+    stops = StopStrings(["x" * 400_000])
+    start = time.perf_counter()
+    assert stops.push("ab") == "ab" and stops.push("cx") == "c" and stops.push("xd") == "xxd"
+    assert time.perf_counter() - start < 0.5  # was quadratic in the stop string's length: seconds
+    stops = StopStrings(["ld. G", "zzz"])
+    assert [stops.push(p) for p in ("Hello wor", "ld. ", "Goodbye")] == ["Hello wor", "", ""] and stops.hit
 
 
 def test_openai_client_sees_typed_errors(client: openai.OpenAI) -> None:
@@ -252,6 +277,9 @@ def test_api_key_is_required_on_the_api_only(cm: ChatModel) -> None:
             openai.OpenAI(base_url=url + "v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=url + "v1", api_key=KEY, max_retries=0)
         assert good.chat.completions.create(model=NAME, messages=OK_MESSAGES, max_tokens=3).usage.completion_tokens
+        # a key that is not UTF-8 (http.client sends str headers as Latin-1 bytes) is a wrong key, not a crash
+        status, answer = post(url, "v1/chat/completions", body, {"Authorization": "Bearer \xff\xfe-key"})
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
 
 
 class GatedBatch(ContinuousBatch):
@@ -343,6 +371,46 @@ def test_full_queue_refuses_and_a_client_that_leaves_stops_its_generation(cm: Ch
         assert json.loads(get(url, "health")[2])["pending"] == 0
 
 
+def test_a_client_that_leaves_a_non_streamed_request_stops_its_generation(cm: ChatModel) -> None:
+    scripted = ScriptedModel(cm, "one two three four five six seven eight nine ten " * 3, delay=0.05)
+    full = min(len(scripted.reply_ids), cm.seq_len - len(cm.chat_prompt(OK_MESSAGES)))
+    assert full >= 40  # two seconds and more of generation if nobody stops it
+    with run_server(create_app(scripted)) as url:
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        leaving = http.client.HTTPConnection(host, int(port), timeout=20)
+        leaving.request("POST", "/v1/chat/completions", json.dumps({"model": NAME, "messages": OK_MESSAGES}),
+                        {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 20
+        while scripted.produced < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leaving.sock.close()  # the client gives up before the whole reply is generated
+        leaving.close()
+        while json.loads(get(url, "health")[2])["pending"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(get(url, "health")[2])["pending"] == 0
+        assert scripted.produced < full // 2  # it left the batch, not after max_tokens
+
+
+def test_a_stream_whose_headers_cannot_be_sent_stops_its_generation(cm: ChatModel,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    prepare = web.StreamResponse.prepare
+
+    async def failing(self: web.StreamResponse, request: web.BaseRequest):  # the client is gone already
+        if self.content_type == "text/event-stream":
+            raise ConnectionResetError("Cannot write to closing transport")
+        return await prepare(self, request)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", failing)
+    scripted = ScriptedModel(cm, "one two three four five six seven eight nine ten " * 3, delay=0.05)
+    full = min(len(scripted.reply_ids), cm.seq_len - len(cm.chat_prompt(OK_MESSAGES)))
+    with run_server(create_app(scripted)) as url:
+        assert post(url, "v1/chat/completions", {"model": NAME, "messages": OK_MESSAGES, "stream": True})[0] == 500
+        deadline = time.monotonic() + 20
+        while json.loads(get(url, "health")[2])["pending"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scripted.produced < full // 2
+
+
 def test_stop_strings_cut_the_reply_streamed_or_not(cm: ChatModel) -> None:
     scripted = ScriptedModel(cm, "Hello world. Goodbye world.")
     with run_server(create_app(scripted)) as url:
@@ -390,10 +458,70 @@ def test_a_failing_generation_answers_500_and_the_server_goes_on(cm: ChatModel) 
         status, answer = post(url, "v1/chat/completions", {"model": NAME, "messages": OK_MESSAGES})
         assert status == 500 and "caught fire" in answer["error"]["message"]
         req = urllib.request.Request(url + "v1/completions", method="POST", data=json.dumps(
-            {"model": NAME, "prompt": "x", "stream": True}).encode())
+            {"model": NAME, "prompt": "x", "stream": True}).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:
             events = [line for line in resp.read().decode().split("\n\n") if line]
         assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == "a"
         assert "caught fire" in json.loads(events[1].removeprefix("data: "))["error"]["message"]
         assert events[-1] == "data: [DONE]"
         assert get(url, "health")[0] == 200
+
+
+class BrokenTemplateModel(ChatModel):
+    """Its chat template breaks: a bug outside generation, met while the request is read."""
+
+    def chat_prompt(self, messages) -> list[int]:
+        raise RuntimeError("the template went missing")
+
+
+def test_an_unexpected_error_answers_a_json_500(cm: ChatModel) -> None:
+    with run_server(create_app(BrokenTemplateModel(cm.model, cm.tok, name=NAME))) as url:
+        status, answer = post(url, "v1/chat/completions", {"model": NAME, "messages": OK_MESSAGES})
+        assert status == 500 and answer["error"]["type"] == "server_error" and answer["error"]["message"]
+        assert get(url, "health")[0] == 200
+
+
+def raw_request(url: str, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """A request with exactly the given headers (urllib adds a Host and a Content-Type of its own)."""
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in {"Content-Length": str(len(body or b"")), **(headers or {})}.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_without_an_api_key_only_local_hosts_and_json_posts_are_served(url: str, cm: ChatModel) -> None:
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    body = json.dumps({"model": NAME, "prompt": "a", "max_tokens": 1}).encode()
+    json_type = {"Content-Type": "application/json"}
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert raw_request(url, "POST", "/v1/completions", body, {"Host": host, **json_type})[0] == 200, host
+    # a page whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+        status, answer = raw_request(url, "POST", "/v1/completions", body, {"Host": host, **json_type})
+        assert status == 403 and answer["error"]["code"] == "forbidden_host", host
+        assert raw_request(url, "GET", "/v1/models", None, {"Host": host})[0] == 403
+    # a cross-site form or fetch without a preflight can only send text/plain and the like
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Host": f"127.0.0.1:{port}"} | ({"Content-Type": content_type} if content_type else {})
+        status, answer = raw_request(url, "POST", "/v1/completions", body, headers)
+        assert status == 415 and "application/json" in answer["error"]["message"], content_type
+    assert raw_request(url, "POST", "/v1/completions", body,
+                       {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json; charset=utf-8"})[0] == 200
+    # with an API key, the key decides, whatever the Host
+    with run_server(create_app(cm, api_key=KEY)) as keyed:
+        port = keyed.rstrip("/").rsplit(":", 1)[1]
+        auth = {"Host": f"model.example:{port}", "Authorization": f"Bearer {KEY}", **json_type}
+        assert raw_request(keyed, "POST", "/v1/completions", body, auth)[0] == 200
+        assert raw_request(keyed, "GET", "/v1/models", None, {"Host": "model.example"})[0] == 401
+    # a server bound to a name answers requests for that name
+    with run_server(create_app(cm, host="model.example")) as named:
+        port = named.rstrip("/").rsplit(":", 1)[1]
+        assert raw_request(named, "GET", "/v1/models", None, {"Host": f"model.example:{port}"})[0] == 200

@@ -109,7 +109,7 @@ async def judgements(request: web.Request) -> web.Response:
     who = await _annotator(request)
     try:
         body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON or UTF-8, a number beyond int's 4300 digits, too deep
         raise ApiError(400, "the body must be JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
@@ -150,7 +150,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure as `{"error": message}` with its status, never a traceback."""
+    """Every failure as `{"error": message}` with its status, never a traceback (a bug is logged here and
+    answered 500 in the same shape, which the page shows instead of failing to parse aiohttp's text)."""
     try:
         return await handler(request)
     except ApiError as e:
@@ -162,6 +163,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         message = f"the request body is larger than {MAX_BODY} bytes" if e.status == 413 else e.reason
         return web.json_response({"error": message}, status=e.status)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal server error (the server's log has the details)"}, status=500)
 
 
 async def _security_headers(_: web.Request, response: web.StreamResponse) -> None:

@@ -107,8 +107,12 @@ class Item:
 
 
 def token_hash(token: str) -> str:
-    """Tokens are long random strings, so a plain SHA-256 suffices (no slow password hash is needed)."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """Tokens are long random strings, so a plain SHA-256 suffices (no slow password hash is needed).
+
+    Any string has a hash: a header that is not UTF-8 arrives with lone surrogates (aiohttp decodes with
+    surrogateescape), which `surrogatepass` encodes where a plain `.encode()` would raise; a UTF-8 token
+    hashes as before."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class FeedbackStore:
@@ -205,6 +209,8 @@ class FeedbackStore:
         """Store `who`'s judgement of `item_id` (choice as shown: A, B, tie or skip); returns its id."""
         if choice not in CHOICES:
             raise NanoforgeError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        if not -(2**63) <= item_id < 2**63:  # beyond SQLite's INTEGER: sqlite3 would raise OverflowError
+            raise NanoforgeError(f"item_id must be a 64-bit integer, got one of {item_id.bit_length()} bits")
         reason = (reason or "").strip()[:MAX_REASON] or None
         with self._write():
             row = self.db.execute("SELECT left_response, shown_at FROM assignments WHERE annotator_id = ? AND "

@@ -150,20 +150,23 @@ class ChatConfig:
 HELP = "type a message; /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
 
 
-def fit_conversation(cm: ChatModel, system: list[Message], turns: list[Message], reserve: int) -> list[int]:
-    """The prompt of `system + turns`, after dropping the oldest turns (in place) until `reserve` tokens
-    are left for the reply. Raises NanoforgeError if even the last message alone does not fit."""
+def fit_conversation(cm: ChatModel, system: list[Message], turns: list[Message],
+                     reserve: int) -> tuple[list[int], int]:
+    """The prompt of `system + turns` without its oldest turns, leaving `reserve` tokens for the reply, and how
+    many turns it left out (the caller drops them). Raises NanoforgeError if even the last message alone
+    does not fit; `turns` itself is never changed, so a refused message costs the conversation nothing."""
     limit = cm.seq_len - reserve
+    start = 0
     prompt = cm.chat_prompt(system + turns)
-    while len(prompt) > limit and len(turns) > 1:
-        del turns[0]
-        while turns and turns[0]["role"] != "user":  # a conversation restarts on a user message
-            del turns[0]
-        prompt = cm.chat_prompt(system + turns)
+    while len(prompt) > limit and len(turns) - start > 1:
+        start += 1
+        while start < len(turns) and turns[start]["role"] != "user":  # a conversation restarts on a user message
+            start += 1
+        prompt = cm.chat_prompt(system + turns[start:])
     if len(prompt) > limit:
         raise NanoforgeError(f"the message is {len(prompt)} tokens with the template; the model's context is "
                              f"{cm.seq_len} and {reserve} are kept for the reply: write less")
-    return prompt
+    return prompt, start
 
 
 def chat(cm: ChatModel, cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
@@ -196,16 +199,15 @@ def chat(cm: ChatModel, cfg: ChatConfig, stdin: TextIO | None = None, stdout: Te
         if not command:
             continue
         turns.append({"role": "user", "content": text})
-        before = len(turns)
         try:
-            prompt = fit_conversation(cm, system, turns, reserve)
+            prompt, dropped = fit_conversation(cm, system, turns, reserve)
         except NanoforgeError as e:
             turns.pop()
             print(f"error: {e}", file=stderr)
             continue
-        if len(turns) < before:
-            print(f"(dropped the oldest {before - len(turns)} messages: the context holds {cm.seq_len} tokens)",
-                  file=stderr)
+        if dropped:
+            del turns[:dropped]
+            print(f"(dropped the oldest {dropped} messages: the context holds {cm.seq_len} tokens)", file=stderr)
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed + replies)
         turns.append({"role": "assistant", "content": _reply(cm, prompt, sampling, stdout, stderr)})
         replies += 1

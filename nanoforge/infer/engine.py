@@ -495,9 +495,13 @@ def _sample(
 ) -> Tensor:
     """Next token per row of logits (B, V): greedy at temperature 0, else a draw from the softmax of the
     logits / temperature restricted to the top_k tokens and to the smallest set holding top_p of the mass."""
-    if temperature == 0:
+    if np.float32(temperature) == 0:  # 0, or below float32's least number (1.4e-45): the division would be by 0
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # less the row's max first, every value is <= 0: a tiny temperature (1e-45) then sends the others to -inf
+    # (probability 0) and keeps the max at 0, where logits / temperature alone would overflow to inf and the
+    # softmax would be NaN. A shift of the logits leaves their softmax as it was.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

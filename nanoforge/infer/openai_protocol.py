@@ -6,9 +6,10 @@ Every field is checked for its type and range, with OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}` naming the field. Accepted, as OpenAI defines them:
 `model`, `messages` (roles system/developer/user/assistant; content a string or a list of text parts) or
 `prompt` (one string), `max_tokens`/`max_completion_tokens` (1 to the context), `temperature` (0 to 2),
-`top_p` (0 to 1], `n` (1), `seed`, `stop` (up to 4 strings), `stream`, `stream_options.include_usage`;
-and `top_k`, which OpenAI lacks but vLLM and others accept. Other fields are ignored. A prompt that leaves
-no room in the context is refused; the reply gets the rest of the context unless `max_tokens` says less.
+`top_p` (0 to 1], `n` (1), `seed`, `stop` (up to 4 strings of at most 256 characters), `stream`,
+`stream_options.include_usage`; and `top_k`, which OpenAI lacks but vLLM and others accept. Other fields
+are ignored. A prompt that leaves no room in the context is refused; the reply gets the rest of the context
+unless `max_tokens` says less.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 from nanoforge.infer.chat import ChatModel, Message, Sampling
 
 MAX_STOP_STRINGS = 4
+# a stop string is matched against the reply's tail as each piece arrives, on the event loop: long ones would
+# stall every other request (OpenAI documents no length; stop strings are words and markers, not documents)
+MAX_STOP_LENGTH = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -45,6 +49,15 @@ class Job:
     include_usage: bool
 
 
+def _show(v: Any) -> str:
+    """A refused value as the error message quotes it: its JSON, cut short. A value nested almost as deep as
+    `json.loads` allows can be too deep for `json.dumps`, called further down the stack: it is only named."""
+    try:
+        return json.dumps(v)[:40]
+    except RecursionError:
+        return f"a deeply nested {'array' if isinstance(v, list) else 'object'}"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -55,7 +68,7 @@ def _number(body: dict, name: str, default: float | None, lo: float, hi: float, 
     if v is None:
         return default
     if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(v)[:40]}", param=name, code="invalid_type")
+        raise ApiError(400, f"'{name}' must be a number, got {_show(v)}", param=name, code="invalid_type")
     if not (lo < v if lo_open else lo <= v) or v > hi:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise ApiError(400, f"'{name}' must be in {interval}, got {v}", param=name, code="invalid_value")
@@ -67,7 +80,7 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
     if v is None:
         return None
     if not _is_int(v):
-        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(v)[:40]}", param=name,
+        raise ApiError(400, f"'{name}' must be an integer, got {_show(v)}", param=name,
                        code="invalid_type")
     if not lo <= v <= hi:
         raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
@@ -77,7 +90,7 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
 def _boolean(body: dict, name: str) -> bool:
     v = body.get(name)
     if v is not None and not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:40]}", param=name,
+        raise ApiError(400, f"'{name}' must be true or false, got {_show(v)}", param=name,
                        code="invalid_type")
     return bool(v)
 
@@ -91,6 +104,9 @@ def _stop_strings(body: dict) -> list[str]:
             or not all(isinstance(s, str) and s for s in stops)):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} of them",
                        param="stop", code="invalid_value")
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise ApiError(400, f"'stop' strings may be at most {MAX_STOP_LENGTH} characters long, got "
+                            f"{max(len(s) for s in stops)}", param="stop", code="invalid_value")
     return stops
 
 
@@ -112,7 +128,7 @@ def _messages(body: dict) -> list[Message]:
                            code="invalid_type")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)[:40]}",
+            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got {_show(role)}",
                            param=f"{where}.role", code="invalid_value")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
@@ -143,7 +159,7 @@ def _job(body: dict, cm: ChatModel, prompt: list[int], stop_tokens: tuple[int, .
     limits = {name: _integer(body, name, 1, cm.seq_len) for name in ("max_tokens", "max_completion_tokens")}
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, f"'n' must be 1 (one choice per request), got {json.dumps(n)[:40]}", param="n",
+        raise ApiError(400, f"'n' must be 1 (one choice per request), got {_show(n)}", param="n",
                        code="invalid_value")
     temperature = _number(body, "temperature", 1.0, 0, 2) or 0.0
     top_p = _number(body, "top_p", None, 0, 1, lo_open=True)
@@ -169,7 +185,9 @@ def check_body(raw: bytes, served: str) -> dict[str, Any]:
     """The request body as a JSON object whose `model` is `served` (404 for another model)."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:  # arrays or objects nested deeper than the interpreter's recursion limit
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as e:  # not JSON, not UTF-8, or an integer of more digits than Python converts (4300)
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")

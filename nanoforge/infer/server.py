@@ -21,8 +21,11 @@ rest wait in arrival order), at most `max_pending` wait or run (then 503), and a
 or whose stop string appears leaves the batch at the next step.
 Every request is bounded: a 1 MiB body, `max_tokens` at most the context, a prompt that leaves no room in
 the context is refused. Bad requests get a 4xx with OpenAI's error body `{"error": {"message", "type",
-"param", "code"}}` (the checks are in openai_protocol.py). With `--api-key`, `/v1/*` needs
-`Authorization: Bearer KEY`. The server binds 127.0.0.1 unless told otherwise.
+"param", "code"}}` (the checks are in openai_protocol.py); POSTs must be `application/json` (415). With
+`--api-key`, `/v1/*` needs `Authorization: Bearer KEY`; without one, only requests whose Host header names
+localhost, the bound host or the address connected to are answered (else 403), so that no web page can use
+the model through the browser of someone running the server (DNS rebinding). The server binds 127.0.0.1
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -218,7 +221,10 @@ class StopStrings:
         if cuts:
             self.hit, self.held = True, ""
             return text[: min(cuts)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        # the held tail is the longest end of `text` that begins a stop string: only prefixes no longer than
+        # the text can be it, so a long stop string costs O(len(text)) tests per piece, not O(len(stop))
+        keep = max((k for s in self.stops for k in range(1, min(len(s) - 1, len(text)) + 1)
+                    if text.endswith(s[:k])), default=0)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep]
 
@@ -275,7 +281,11 @@ async def _stream(request: web.Request, reply: Reply, head: dict[str, Any],
     """Send `reply` as Server-Sent Events in OpenAI's chunk format, then `data: [DONE]`."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await resp.prepare(request)
+    try:
+        await resp.prepare(request)
+    except BaseException:  # the client left before the headers went out: its generation must not run on
+        reply.feed.cancel()
+        raise
     usage = {"usage": None} if reply.job.include_usage else {}
 
     async def send(event: dict[str, Any]) -> None:
@@ -376,19 +386,73 @@ async def index(_: web.Request) -> web.FileResponse:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(api_key: str | None, max_body: int) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The middleware: the API key check, and every failure as OpenAI's error body (never a traceback)."""
+def _host_name(host: str) -> str:
+    """The name in a Host header (or a --host), without its port or brackets: "[::1]:8000" → "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _host_allowed(request: web.Request, bound: str) -> bool:
+    """Whether the request names this server in its Host header: localhost, the host it was bound to, or the
+    address the connection came in on. A browser always sends the name it resolved, so a page whose own
+    name was rebound to 127.0.0.1 (DNS rebinding) sends that name and is refused; a request without a Host
+    header does not come from a browser."""
+    given = request.headers.get("Host")
+    if given is None:
+        return True
+    name = _host_name(given)
+    if _is_loopback(name) or name == _host_name(bound):
+        return True
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not isinstance(sockname, tuple) or not sockname:
+        return False
+    try:
+        host, local = ipaddress.ip_address(name), ipaddress.ip_address(str(sockname[0]).partition("%")[0])
+    except ValueError:
+        return False
+    # an IPv4 client of a dual-stack socket shows as ::ffff:a.b.c.d
+    return host == (getattr(local, "ipv4_mapped", None) or local)
+
+
+def _same_key(given: str, key: str) -> bool:
+    """Constant-time comparison of API keys. aiohttp decodes header bytes that are not UTF-8 as lone
+    surrogates (surrogateescape), which a plain `.encode()` refuses: such a key is compared as those bytes."""
+    try:
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # a lone surrogate that no header byte produces: not the key
+        return False
+
+
+def _guard(api_key: str | None, max_body: int,
+           host: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The middleware: who may call (the Host check without an API key, the key with one), JSON request
+    bodies, and every failure as OpenAI's error body (never a traceback).
+
+    Without an API key anything that can reach the port may use the model, so a browser must not be made to:
+    a page of another site may send simple cross-site requests (a `text/plain` POST, no preflight) to
+    127.0.0.1, and a DNS-rebound page may even read the answers. Requiring `application/json` on POSTs stops
+    the first (the browser asks first, and no CORS header ever answers), the Host check the second."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            if not api_key and not _host_allowed(request, host):
+                raise ApiError(403, f"this server answers requests for localhost or {host} only (the Host "
+                                    f"header names {request.headers.get('Host')!r}); serve with --api-key to "
+                                    f"allow others", code="forbidden_host")
             if api_key and request.path.startswith("/v1/"):
                 scheme, _, given = request.headers.get("Authorization", "").partition(" ")
                 if scheme.lower() != "bearer" or not given.strip():
                     raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
                                    code="invalid_api_key")
-                if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+                if not _same_key(given.strip(), api_key):
                     raise ApiError(401, "incorrect API key", code="invalid_api_key")
+            if (request.method == "POST" and request.path.startswith("/v1/")
+                    and request.content_type != "application/json"):
+                raise ApiError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                                    f"(got {request.content_type!r})", code="unsupported_media_type")
             return await handler(request)
         except ApiError as e:
             return web.json_response(e.body, status=e.status)
@@ -397,6 +461,10 @@ def _guard(api_key: str | None, max_body: int) -> Callable[[web.Request, Handler
                 raise
             message = f"the request body is larger than {max_body} bytes" if e.status == 413 else e.reason
             return web.json_response(ApiError(e.status, message).body, status=e.status)
+        except Exception:  # a bug: logged here, answered in OpenAI's shape rather than aiohttp's text/plain 500
+            log.exception("%s %s failed", request.method, request.path)
+            return web.json_response(ApiError(500, "internal server error (the server's log has the details)",
+                                              kind="server_error").body, status=500)
 
     return guard
 
@@ -406,9 +474,10 @@ async def _security_headers(_: web.Request, response: web.StreamResponse) -> Non
 
 
 def create_app(cm: ChatModel, *, api_key: str | None = None, max_pending: int = 64, max_batch: int = 16,
-               max_body: int = MAX_BODY) -> web.Application:
-    """The aiohttp application serving `cm` (see the module docstring for the endpoints)."""
-    app = web.Application(middlewares=[_guard(api_key, max_body)], client_max_size=max_body)
+               max_body: int = MAX_BODY, host: str = "127.0.0.1") -> web.Application:
+    """The aiohttp application serving `cm` (see the module docstring for the endpoints); `host` is the
+    address it will be bound to, which (besides localhost) requests may name without an API key."""
+    app = web.Application(middlewares=[_guard(api_key, max_body, host)], client_max_size=max_body)
     app[MODEL_KEY] = cm
     app[QUEUE_KEY] = queue = GenerationQueue(cm, max_pending, max_batch)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -435,7 +504,9 @@ def run_server(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="nanoforge-serve", daemon=True)
     thread.start()
-    runner = web.AppRunner(app, access_log=None)
+    # a handler is cancelled when its client disconnects (aiohttp's default until 3.8.1, an option since 3.9):
+    # a non-streamed reply's generation then stops instead of running on to max_tokens for nobody
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
 
     def call(coro: Awaitable[Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
@@ -471,7 +542,8 @@ def serve(model_dir: Path | str, *, host: str = "127.0.0.1", port: int = 8000, a
     if not api_key and not _is_loopback(host):
         print(f"warning: serving on {host} without --api-key: anyone who reaches this port can use the model",
               file=sys.stderr)
-    with run_server(create_app(cm, api_key=api_key, max_pending=max_pending, max_batch=max_batch), host, port) as url:
+    app = create_app(cm, api_key=api_key, max_pending=max_pending, max_batch=max_batch, host=host)
+    with run_server(app, host, port) as url:
         print(f"serving {cm.name} at {url} (web chat there, OpenAI API at {url}v1; Ctrl-C stops)", flush=True)
         try:
             threading.Event().wait()
