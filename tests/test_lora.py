@@ -103,6 +103,8 @@ def test_an_adapted_lm_head_trains_through_the_fused_loss():
     head = model.lm_head
     assert head.lora_A.grad is not None and head.lora_A.grad.abs().sum() > 0 and head.lora_B.grad.abs().sum() > 0
     assert head.weight.grad is None  # the base stays frozen
+    with pytest.raises(NanoforgeError, match="dropout cannot apply to an adapter on lm_head"):
+        apply_lora(_model(), LoRAConfig(rank=4, targets=["lm_head"], dropout=0.1))
 
 
 def test_peft_loads_our_adapter_and_we_load_peft_s(tmp_path):

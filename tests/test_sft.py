@@ -208,7 +208,9 @@ def test_two_ddp_ranks_train_like_one_process(base_model, chat_data, tmp_path):
 def test_lora_on_two_fsdp_ranks_trains_like_one_process_and_resumes_on_one(base_model, chat_data, tmp_path):
     """LoRA under FSDP: the frozen base and the adapters sharded over two ranks take one process's steps;
     the adapter file is whole; the two ranks' checkpoint of step 2 resumes in one process to the same end."""
-    flags = _sft_flags(base_model, chat_data, "--lora-rank", "4", "--set", "ckpt_every=2")
+    # 5 held-out rows in batches of 2: rank 0 evaluates 2 batches, rank 1 one (and one that it leaves out;
+    # with a forward fewer, FSDP's gathers went unanswered and the run hung)
+    flags = _sft_flags(base_model, chat_data, "--lora-rank", "4", "--set", "ckpt_every=2", "--set", "eval_rows=5")
     one, two = tmp_path / "one", tmp_path / "two"
     # replies scored at the end: under FSDP by rank 0's unsharded copy, which needs the adapters too
     assert main([*flags, "--out", str(one), "--set", "answer_eval=2"]) == 0

@@ -143,6 +143,9 @@ def target_names(model: GPT, targets: list[str]) -> list[str]:
 def apply_lora(model: GPT, cfg: LoRAConfig) -> list[str]:
     """Freeze every parameter of `model` and put a `LoRALinear` in place of each target; returns their names."""
     names = target_names(model, cfg.targets)
+    if "lm_head" in names and cfg.dropout:  # the fused loss takes lm_head's adapted weight, not its forward
+        raise NanoforgeError("lora: dropout cannot apply to an adapter on lm_head (the training loss uses its "
+                             "weight, not its input); set the dropout to 0 or leave lm_head out")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

@@ -252,19 +252,26 @@ def step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seg: tor
 @torch.no_grad()
 def val_loss(model: GPT, examples: list[Example], cfg: SFTConfig, seq_len: int, pad_id: int, device: torch.device,
              dtype: str, d: Dist) -> float | None:
-    """Mean loss per learnt token over the first `eval_rows` packed val rows, shared out over the ranks."""
+    """Mean loss per learnt token over the first `eval_rows` packed val rows, shared out over the ranks.
+
+    Every rank runs the same number of forwards (FSDP gathers each layer's weights in every one, all ranks
+    together): a rank whose share ends early runs a batch of the first row and leaves its loss out."""
     if not examples:
         return None
     rows = pack_rows([len(e.inputs) for e in examples], list(range(len(examples))), seq_len, cfg.packing)
-    rows = rows[: cfg.eval_rows or None][d.rank :: d.world_size]
+    rows = rows[: cfg.eval_rows or None]
+    mine = rows[d.rank :: d.world_size]
+    batches = -(-len(rows) // (cfg.batch_size * d.world_size))  # those of the rank with the most rows
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(rows), cfg.batch_size):
-        x, y, seg = make_batch(examples, rows[i : i + cfg.batch_size], pad_id, cfg.packing)
+    for i in range(batches):
+        part = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        x, y, seg = make_batch(examples, part or rows[:1], pad_id, cfg.packing)
         with autocast(device, dtype):
             loss = step_loss(model, x.to(device), y.to(device), None if seg is None else seg.to(device))
-        sums += torch.stack([loss.double(), (y != -100).sum().double().to(device)])
+        if part:
+            sums += torch.stack([loss.double(), (y != -100).sum().double().to(device)])
     all_reduce_sum(sums, d)
     model.train(was_training)
     return float(sums[0] / sums[1]) if sums[1] > 0 else None
