@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from nanoforge import __version__
-from nanoforge.cli_post import POST_TRAINING_COMMANDS, add_post_training_parsers, given_flags
+from nanoforge.cli_post import POST_TRAINING_COMMANDS, add_post_training_parsers, config_file_values, given_flags
 from nanoforge.errors import NanoforgeError
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    """The flags every training stage shares, with the same meaning everywhere (DESIGN.md §4)."""
+def _add_training_flags(p: argparse.ArgumentParser, table: str) -> None:
+    """The flags every training stage shares, with the same meaning everywhere (DESIGN.md §4); `table` is the
+    stage's table in a --config file."""
     g = p.add_argument_group("training (common to every stage that trains)")
     g.add_argument("--out", type=Path, required=True, help="output directory (the model artifact)")
     g.add_argument("--max-steps", type=int, help="optimizer steps to run (default: from the preset)")
@@ -42,7 +43,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch on each rank")
     g.add_argument("--seed", type=int, help="seed for initialisation and data order (default 0)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    g.add_argument("--config", type=Path, help="TOML file with settings (a [pretrain] table or top-level keys)")
+    g.add_argument("--config", type=Path, help=f"TOML file with settings: its [{table}] table, or top-level keys "
+                                               f"when it has none (other tables are not read)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any setting, repeatable")
 
 
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", help="stop cleanly with a checkpoint after this long: seconds, 90m, 2h")
     p.add_argument("--profile", action="store_true", default=None,
                    help="write a torch profiler trace of a few steps into OUT/profile/")
-    _add_training_flags(p)
+    _add_training_flags(p, "pretrain")
 
     add_post_training_parsers(sub, _add_training_flags)
 
@@ -268,14 +270,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     import os
     import signal
 
-    from nanoforge.config import PretrainConfig, build, load_toml, parse_sets
+    from nanoforge.config import PretrainConfig, build, parse_sets
     from nanoforge.train.faults import TrainingStopped
     from nanoforge.train.loop import pretrain
 
-    values: dict[str, Any] = {}
-    if args.config:
-        raw = load_toml(args.config)
-        values.update(raw.get("pretrain", {k: v for k, v in raw.items() if not isinstance(v, dict)}))
+    values: dict[str, Any] = config_file_values(args.config, "pretrain") if args.config else {}
     values.update(parse_sets(args.set))
     values.update(given_flags(args, ["init", "preset", "depth", "dtype", "compile", "device", "threads", "parallel",
                                     "activation_checkpointing", "max_time", "profile",
@@ -362,14 +361,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from nanoforge.eval.evaluate import EvalConfig, EvalInputs, eval_table, run_eval
 
-    models = {}
+    models: dict[str, Path] = {}
     for spec in args.model:
         name, sep, path = spec.partition("=")
-        models[name if sep else Path(spec).name] = Path(path if sep else spec)
+        name, model = (name, Path(path)) if sep else (Path(spec).name, Path(spec))
+        if name in models:  # one would silently replace the other in the table
+            raise NanoforgeError(f"eval: two models are named {name!r} ({models[name]} and {model}); name them "
+                                 f"with --model NAME=DIR")
+        models[name] = model
     cfg = EvalConfig()
     if args.tasks:
         cfg.tasks = [t for t in args.tasks.split(",") if t]
-    if args.max_examples:
+    if args.max_examples is not None:  # 0 is refused by the eval, not taken for "the default"
         cfg.max_examples = args.max_examples
     run_eval(cfg, models, EvalInputs(args.tokens, args.instruct, args.reward_model, args.reference), args.out)
     print(eval_table(json.loads((args.out / "eval.json").read_text())))
@@ -461,8 +464,11 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace, *, demo: bool = False) -> None:
+    import signal
+
     from nanoforge.config import parse_sets
     from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
+    from nanoforge.train.faults import TrainingStopped
 
     sets = parse_sets(args.set)
     if demo:
@@ -471,7 +477,14 @@ def cmd_run(args: argparse.Namespace, *, demo: bool = False) -> None:
             if getattr(args, flag) is not None:
                 sets[key] = str(getattr(args, flag))
     p = load_pipeline_config(None if demo else args.config, sets)
-    outputs = run_pipeline(p)
+    try:
+        outputs = run_pipeline(p)
+    except TrainingStopped as e:  # a checkpoint is written: SIGTERM exits as killed by it, max_time cleanly
+        again = "nanoforge demo" if demo else f"nanoforge run {args.config}"
+        stage = Path(e.checkpoint).parent.parent.name  # RUN_DIR/08-pretrain/checkpoints/step-…
+        print(f"{stage}: stopped by {e.reason} after step {e.step}; checkpoint {e.checkpoint}; rerun `{again}`"
+              f"{' with the same options' if sets else ''} to continue", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM if e.reason == "SIGTERM" else 0) from None
     print(run_summary(p, outputs))
 
 

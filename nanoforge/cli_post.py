@@ -24,7 +24,29 @@ def given_flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def config_file_values(path: Path, table: str, own_tables: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings a training command reads from its `--config` file: its `[table]`, else the top-level keys
+    (and `own_tables`, the config's own table settings). A note names what it leaves unread, such as the other
+    stages' tables of a run config, so that a setting there is not believed to apply."""
+    from nanoforge.config import load_toml
+    from nanoforge.console import info
+
+    raw = load_toml(path)
+    if table in raw:
+        values = raw[table]
+        if not isinstance(values, dict):
+            raise NanoforgeError(f"{path}: {table} must be a [{table}] table of settings, not a value")
+        unread = [f"[{k}]" if isinstance(v, dict) else k for k, v in raw.items() if k != table]
+    else:
+        values = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in own_tables}
+        unread = [f"[{k}]" for k, v in raw.items() if isinstance(v, dict) and k not in own_tables]
+    if unread:
+        info(f"note: {path}: not read: {', '.join(unread)} (`nanoforge {table}` reads the [{table}] table, or "
+             f"top-level keys when there is none)")
+    return dict(values)
+
+
+def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.ArgumentParser, str], None]) -> None:
     """Add the post-training subcommands to `sub` (the subparsers of `nanoforge`)."""
     p = sub.add_parser("instruct", help="make the demo's instruction data (chat JSONL) from pydoc documents",
                        description="Questions about the documented functions and classes of the documents "
@@ -57,7 +79,7 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: ddp (default) or fsdp")
     p.add_argument("--max-time", help="stop cleanly with a checkpoint after this long: seconds, 90m, 2h")
-    add_training_flags(p)
+    add_training_flags(p, "sft")
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model: a plain model artifact")
     p.add_argument("--model", type=Path, required=True, help="the base model the adapter was trained on")
@@ -90,7 +112,7 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    add_training_flags(p)
+    add_training_flags(p, "grpo")
 
     p = sub.add_parser("label", help="label preferences in a web app (two responses per prompt), or export them",
                        description="Sample two responses per prompt from --model into a SQLite database and serve "
@@ -122,7 +144,7 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
     p.add_argument("--prefs", type=Path, required=True, help="preference pairs (from `nanoforge label export`)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    add_training_flags(p)
+    add_training_flags(p, "reward")
 
     p = sub.add_parser("dpo", help="Direct Preference Optimization of a model on preference pairs",
                        description="DPO against a frozen copy of --model (reference log-probabilities precomputed "
@@ -134,7 +156,7 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
     p.add_argument("--beta", type=float, help="strength of the KL constraint to the reference (default 0.1)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    add_training_flags(p)
+    add_training_flags(p, "dpo")
 
     p = sub.add_parser("ppo", help="PPO against a reward model (value head, KL penalty, GAE, clipping)",
                        description="Sample responses to --prompts, score them with --reward-model, penalise the KL to "
@@ -147,7 +169,7 @@ def add_post_training_parsers(sub: Any, add_training_flags: Callable[[argparse.A
     p.add_argument("--kl-coef", type=float, help="per-token KL penalty coefficient (default 0.05)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    add_training_flags(p)
+    add_training_flags(p, "ppo")
 
 
 def cmd_instruct(args: argparse.Namespace) -> None:
@@ -164,14 +186,11 @@ def cmd_sft(args: argparse.Namespace) -> None:
     import os
     import signal
 
-    from nanoforge.config import build, load_toml, parse_sets
+    from nanoforge.config import build, parse_sets
     from nanoforge.post.sft import SFTConfig, sft
     from nanoforge.train.faults import TrainingStopped
 
-    values: dict[str, Any] = {}
-    if args.config:
-        raw = load_toml(args.config)
-        values.update(raw.get("sft", {k: v for k, v in raw.items() if not isinstance(v, dict)}))
+    values: dict[str, Any] = config_file_values(args.config, "sft") if args.config else {}
     values.update(parse_sets(args.set))
     values.update(given_flags(args, ["epochs", "seq_len", "packing", "lora_rank", "lora_alpha", "lora_targets",
                                     "lora_quantize", "dtype", "device", "threads", "parallel", "max_time",
@@ -206,15 +225,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_grpo(args: argparse.Namespace) -> None:
     import os
 
-    from nanoforge.config import build, load_toml, parse_sets
+    from nanoforge.config import build, parse_sets
     from nanoforge.post.grpo import GRPOConfig, grpo
     from nanoforge.post.rewards import RewardWeights
 
-    values: dict[str, Any] = {}
-    if args.config:
-        raw = load_toml(args.config)
-        tables = ("task_options", "reward_weights")  # the config's own tables, at the top level of the file
-        values.update(raw.get("grpo", {k: v for k, v in raw.items() if not isinstance(v, dict) or k in tables}))
+    # task_options and reward_weights: the config's own tables, at the top level of the file
+    values: dict[str, Any] = config_file_values(args.config, "grpo", ("task_options", "reward_weights")) \
+        if args.config else {}
     values.update(parse_sets(args.set))
     values.update(given_flags(args, ["task", "reward_weights", "group_size", "beta", "epsilon", "epsilon_high",
                                     "iterations", "loss_type", "scale_rewards", "max_new_tokens", "temperature",
@@ -233,12 +250,9 @@ def cmd_grpo(args: argparse.Namespace) -> None:
 
 def _post_config(args: argparse.Namespace, cls: type, section: str, names: list[str]) -> Any:
     """A post-training stage's config from --config (its [section] table), --set and the flags given."""
-    from nanoforge.config import build, load_toml, parse_sets
+    from nanoforge.config import build, parse_sets
 
-    values: dict[str, Any] = {}
-    if args.config:
-        raw = load_toml(args.config)
-        values.update(raw.get(section, {k: v for k, v in raw.items() if not isinstance(v, dict)}))
+    values: dict[str, Any] = config_file_values(args.config, section) if args.config else {}
     values.update(parse_sets(args.set))
     values.update(given_flags(args, [*names, "device", "threads", "max_steps", "lr", "batch_size", "seed"]))
     return build(cls, values, section)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import sys
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from nanoforge.errors import NanoforgeError
 from nanoforge.model import ModelConfig
@@ -233,43 +236,154 @@ def load_toml(path: Path | str) -> dict[str, Any]:
         raise NanoforgeError(f"{path}: no such config file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise NanoforgeError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:  # a directory, a file we may not read, …
+        raise NanoforgeError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _scalar(text: str) -> Any:
+    """A command-line value whose type no annotation gives (a `dict[str, Any]` entry): a number or true/false
+    where it looks like one, else the text."""
+    text = text.strip()
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _pairs(text: str, name: str) -> dict[str, Any]:
+    """`K=V,K=V` (a dict setting given on the command line) → {K: V}, numbers where they look like numbers."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise NanoforgeError(f"{name}: expected KEY=VALUE pairs separated by commas, got {text!r}")
+        out[key.strip()] = _scalar(value)
+    return out
+
+
+def _convert(hint: Any, value: Any, name: str) -> Any:
+    """`value` (from TOML, or text from the command line) as type `hint`; a clear error naming `name` when it
+    is not one. A number where text is expected is taken as its text (`max_time = 3600`)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union or origin is types.UnionType:
+        options = [a for a in args if a is not type(None)]
+        if len(options) < len(args) and (value is None or isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, name)
+            except NanoforgeError as e:
+                errors.append(str(e))
+        raise NanoforgeError(errors[0] if len(errors) == 1 else f"{name}: {value!r} fits none of {hint}")
+    if hint is Any or hint is object or (origin is None and not isinstance(hint, type)):
+        return value  # nothing to check against
+    got = f"got {value!r}"
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise NanoforgeError(f"{name}: expected true/false, {got}")
+    if hint is int:
+        number = _number(value)
+        if number is None or not float(number).is_integer():
+            raise NanoforgeError(f"{name}: expected an integer, {got}")
+        return int(number)
+    if hint is float:
+        number = _number(value)
+        if number is None:
+            raise NanoforgeError(f"{name}: expected a number, {got}")
+        return float(number)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float, os.PathLike)) and not isinstance(value, bool):
+            return str(value)
+        raise NanoforgeError(f"{name}: expected a string, {got}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise NanoforgeError(f"{name}: expected a list, {got}")
+        item = args[0] if args else Any
+        return [_convert(item, v, name) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = _pairs(value, name)
+        if not isinstance(value, dict):
+            raise NanoforgeError(f"{name}: expected a table (KEY=VALUE,… on the command line), {got}")
+        item = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(item, v, f"{name}.{k}") for k, v in value.items()}
+    return value
+
+
+def _number(value: Any) -> int | float | None:
+    """An int or float from a number or its text; None for anything else (a bool is not a number here)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return None
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
     """Convert a TOML or command-line value to the annotated type of `cls.name`."""
-    hint = get_type_hints(cls)[name]
-    text = str(hint)
-    if isinstance(value, str):
-        if value.lower() in ("none", "null") and "None" in text:
-            return None
-        if "bool" in text:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise NanoforgeError(f"{name}: expected true/false, got {value!r}")
-        if "list" in text:
-            return [v for v in value.split(",") if v]
-        try:
-            if "int" in text and "float" not in text:
-                return int(value)
-            if "float" in text:
-                return float(value)
-        except ValueError:
-            raise NanoforgeError(f"{name}: expected a number, got {value!r}") from None
-    elif "float" in text and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    return _convert(get_type_hints(cls)[name], value, name)
+
+
+def _nest(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Dotted keys (`options.language.threshold` from `--set clean.options.language.threshold=0.4`) set one entry
+    of a table setting, on top of the table the file gives (or the default); their text values become numbers or
+    true/false where they look like them, as nothing annotates them."""
+    out = {k: v for k, v in values.items() if "." not in k}
+    defaults = {f.name: f for f in fields(cls)}
+    for key, value in values.items():
+        if "." not in key:
+            continue
+        head, *path, leaf = key.split(".")
+        if head not in out and head in defaults:
+            f = defaults[head]
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[head] = base if isinstance(base, dict) else {}
+        node, seen = out, []
+        for part in [head, *path]:
+            seen.append(part)
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise NanoforgeError(f"{where}: {key}: {'.'.join(seen)} is not a table")
+            node[part] = child = dict(child)  # a copy: the TOML's own tables stay as they were read
+            node = child
+        node[leaf] = _scalar(value) if isinstance(value, str) else value
+    return out
 
 
 def build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from `values`, refusing unknown keys with a clear message."""
+    """Instantiate dataclass `cls` from `values`, refusing unknown keys and values of the wrong type with a
+    clear message."""
+    if not isinstance(values, dict):
+        raise NanoforgeError(f"{where}: expected a table of settings, got {values!r}")
+    values = _nest(cls, values, where)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise NanoforgeError(f"{where}: unknown setting(s) {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(known))})")
-    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+    try:
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+    except NanoforgeError as e:
+        raise NanoforgeError(f"{where}: {e}") from None
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, str]:

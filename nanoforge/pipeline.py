@@ -3,15 +3,17 @@
     nanoforge run my-run.toml          # runs/<name>/01-site, 02-crawl, 03-extract, 04-clean, … 08-pretrain
     nanoforge demo                     # the same, on the built-in config
 
-A stage is skipped when its directory's manifest records the same stage, the same config and the same
-input hashes; otherwise it runs (again), and every stage after it sees new input hashes and runs too.
-A pretraining stage that was killed part-way resumes from its last checkpoint.
+A stage is skipped when its directory's manifest records the same stage, the same config (less the
+RUN_CONTROL settings) and the same input hashes; otherwise it runs (again), and every stage after it sees
+new input hashes and runs too. A training stage cut short resumes from its last checkpoint, and a crawl of
+given seeds from its journal, when they were started with the same config and inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from nanoforge.artifacts import input_hash, read_manifest, to_jsonable
+from nanoforge.artifacts import MANIFEST, atomic_write_json, input_hash, read_manifest, to_jsonable
 from nanoforge.config import PretrainConfig, build, load_toml, resolve_pretrain
 from nanoforge.console import info
 from nanoforge.data.clean import CleanConfig, clean
@@ -27,6 +29,7 @@ from nanoforge.data.crawl import CrawlConfig, crawl
 from nanoforge.data.docsite import build_site, serve_site
 from nanoforge.data.extract import ExtractConfig, extract
 from nanoforge.data.pydoc_corpus import CorpusConfig
+from nanoforge.data.sources import CRAWL_JOURNAL
 from nanoforge.data.stats import StatsConfig, corpus_stats
 from nanoforge.errors import NanoforgeError
 from nanoforge.eval.evaluate import EvalConfig, EvalInputs, run_eval
@@ -92,6 +95,9 @@ def load_pipeline_config(path: Path | str | None = None, overrides: dict[str, st
     if unknown:
         raise NanoforgeError(f"{path}: unknown section(s) {', '.join(unknown)} "
                              f"(known: {', '.join(SECTIONS)})")
+    not_tables = [s for s, v in raw.items() if not isinstance(v, dict)]
+    if not_tables:
+        raise NanoforgeError(f"{path}: {', '.join(not_tables)} must be a [table] of settings, not a value")
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
@@ -113,14 +119,26 @@ class Stage:
     config: Callable[[PipelineConfig], Any]
     run: Callable[[PipelineConfig, dict[str, Path], Path, bool], dict]
     manifest_config: Callable[[Any], Any] = lambda c: c
+    # whether a run of this stage cut short continues (the `bool` `run` gets) rather than starting again: the
+    # training stages from their last checkpoint, a crawl of given seeds from its journal
+    resumable: Callable[[Any], bool] = lambda c: False
+
+
+# Settings that say how a stage runs, not what it computes: they are left out when a finished stage is judged
+# current and when a stage cut short is judged resumable, so that changing them neither redoes a finished stage
+# nor restarts a paused one. `workers` (processes: the outputs are byte-identical for any number), `max_time`
+# and `profile` change nothing in the result; `threads` can change the order of a few float sums in CPU kernels,
+# the last bits of a result, as a rerun on another machine does. `device` and `compile` stay compared: the
+# device picks the precision under dtype=auto, and compiled kernels round differently, so the weights differ
+# by more than that.
+RUN_CONTROL = frozenset({"workers", "threads", "max_time", "profile"})
 
 
 def _run_crawl(p: PipelineConfig, ins: dict[str, Path], out: Path, _: bool) -> dict:
-    """Crawl the configured seeds, or (none given) the embedded docs site served on a free local port."""
+    """Crawl the configured seeds (continuing a crawl of them cut short), or (none given) the embedded docs
+    site served on a free local port: a local crawl cut short starts again, as the site gets a new port."""
     if p.crawl.seeds:  # the site is still recorded as an input: the pipeline's stages form one chain
         return crawl(p.crawl, out, inputs={"site": ins["site"]})
-    if out.exists():  # a local crawl cut short: the site gets a new port, so start it again (seconds)
-        shutil.rmtree(out)
     with serve_site(ins["site"]) as url:
         return crawl(dataclasses.replace(p.crawl, seeds=[url]), out, inputs={"site": ins["site"]})
 
@@ -134,9 +152,14 @@ def _run_pretrain(p: PipelineConfig, ins: dict[str, Path], out: Path, resume: bo
     return pretrain(p.pretrain, ins["tokens"], out, resume=resume, tokenizer=ins["tokenizer"])
 
 
+def _training(_: Any) -> bool:
+    return True
+
+
 STAGES = [
     Stage("site", [], lambda p: p.site, lambda p, ins, out, _: build_site(p.site, out)),
-    Stage("crawl", ["site"], lambda p: p.crawl, _run_crawl, manifest_config=_crawl_manifest_config),
+    Stage("crawl", ["site"], lambda p: p.crawl, _run_crawl, manifest_config=_crawl_manifest_config,
+          resumable=lambda c: bool(c.seeds)),
     Stage("extract", ["crawl"], lambda p: p.extract,
           lambda p, ins, out, _: extract(p.extract, [ins["crawl"]], out)),
     Stage("clean", ["extract"], lambda p: p.clean, lambda p, ins, out, _: clean(p.clean, ins["extract"], out)),
@@ -147,20 +170,25 @@ STAGES = [
     Stage("tokens", ["clean", "tokenizer"], lambda p: p.tokenize,
           lambda p, ins, out, _: tokenize(p.tokenize, ins["clean"], ins["tokenizer"], out)),
     Stage("pretrain", ["tokens", "tokenizer"], lambda p: p.pretrain, _run_pretrain,
-          manifest_config=resolve_pretrain),
+          manifest_config=resolve_pretrain, resumable=_training),
     Stage("instruct", ["clean"], lambda p: p.instruct,
           lambda p, ins, out, _: make_instruct(p.instruct, ins["clean"], out)),
     Stage("sft", ["pretrain", "instruct"], lambda p: p.sft,
-          lambda p, ins, out, _: sft(p.sft, ins["pretrain"], [ins["instruct"] / "train.jsonl"], out,
-                                     val=[ins["instruct"] / "val.jsonl"])),
+          lambda p, ins, out, resume: sft(p.sft, ins["pretrain"], [ins["instruct"] / "train.jsonl"], out,
+                                          val=[ins["instruct"] / "val.jsonl"], resume=resume),
+          resumable=_training),
     Stage("label", ["sft", "instruct"], lambda p: p.label,
           lambda p, ins, out, _: collect_preferences(p.label, ins["sft"], ins["instruct"] / "train.jsonl", out)),
     Stage("reward", ["sft", "label"], lambda p: p.reward,
-          lambda p, ins, out, _: train_reward(p.reward, ins["sft"], ins["label"] / "prefs.jsonl", out)),
+          lambda p, ins, out, resume: train_reward(p.reward, ins["sft"], ins["label"] / "prefs.jsonl", out,
+                                                   resume=resume),
+          resumable=_training),
     Stage("dpo", ["sft", "label"], lambda p: p.dpo,
-          lambda p, ins, out, _: train_dpo(p.dpo, ins["sft"], ins["label"] / "prefs.jsonl", out)),
-    Stage("grpo", ["dpo"], lambda p: p.grpo, lambda p, ins, out, _: grpo(p.grpo, ins["dpo"], out),
-          manifest_config=resolve_grpo),
+          lambda p, ins, out, resume: train_dpo(p.dpo, ins["sft"], ins["label"] / "prefs.jsonl", out,
+                                                resume=resume),
+          resumable=_training),
+    Stage("grpo", ["dpo"], lambda p: p.grpo, lambda p, ins, out, resume: grpo(p.grpo, ins["dpo"], out, resume=resume),
+          manifest_config=resolve_grpo, resumable=_training),
     Stage("eval", ["pretrain", "sft", "dpo", "grpo", "tokens", "instruct", "reward"], lambda p: p.eval,
           lambda p, ins, out, _: run_eval(p.eval, {k: ins[k] for k in ("pretrain", "sft", "dpo", "grpo")},
                                           EvalInputs(ins["tokens"], ins["instruct"], ins["reward"], ins["sft"]), out)),
@@ -173,12 +201,17 @@ def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return run_dir / f"{index + 1:02d}-{name}"
 
 
+def compared_config(stage: Stage, cfg: Any) -> dict[str, Any]:
+    """What of a stage's config decides its output: the manifest's config without the RUN_CONTROL settings."""
+    return {k: v for k, v in to_jsonable(stage.manifest_config(cfg)).items() if k not in RUN_CONTROL}
+
+
 def is_current(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bool:
     """True when `out` holds a finished artifact of `stage` with this config and these inputs."""
     m = read_manifest(out)
     if m is None or m.get("stage") != stage.name:
         return False
-    expected = to_jsonable(stage.manifest_config(cfg))
+    expected = compared_config(stage, cfg)
     saved = {k: v for k, v in m.get("config", {}).items() if k in expected}
     if saved != expected:
         return False
@@ -193,9 +226,18 @@ def is_current(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bo
 
 
 def run_pipeline(p: PipelineConfig) -> dict[str, Path]:
-    """Run (or skip) every stage in order; return each stage's output directory."""
+    """Run (or skip) every stage in order; return each stage's output directory.
+
+    A stage's earlier output that is not current is moved aside, not deleted, until the stage has made
+    something of its own (an artifact, a checkpoint, a crawl journal): a stage that refuses its new settings
+    or fails at once leaves the old output where it was.
+    """
     run_dir = p.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # [run] root or name names a file, or a directory we may not write
+        raise NanoforgeError(f"[run] root/name: cannot make the run directory {run_dir} "
+                             f"({e.strerror or e})") from None
     outputs: dict[str, Path] = {}
     for i, stage in enumerate(STAGES):
         out = stage_dir(run_dir, i, stage.name)
@@ -206,27 +248,79 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Path]:
             continue
         ins = {k: outputs[k] for k in stage.inputs}
         cfg = stage.config(p)
+        aside = out.with_name(f".{out.name}.replaced")
+        if aside.exists():  # a run was killed while this stage replaced its output: the newer one stays
+            _keep_newer(out, aside)
         if is_current(out, stage, cfg, ins):
             info(f"[{stage.name}] up to date: {out}")
             outputs[stage.name] = out
             continue
-        resume = _resumable(out, stage, cfg)
-        if not resume and out.exists() and stage.name != "crawl":
-            shutil.rmtree(out)  # a finished or stale artifact of another config: the pipeline redoes it
+        resume = _resumable(out, stage, cfg, ins)
+        if not resume and out.exists():
+            os.replace(out, aside)  # a finished or stale output of another config or other inputs
+        if stage.resumable(cfg) and not resume:
+            out.mkdir(parents=True)
+            atomic_write_json(out / START_RECORD, _start_record(stage, cfg, ins))
         info(f"[{stage.name}] {'resuming' if resume else 'running'} → {out}")
-        stage.run(p, ins, out, resume)
+        try:
+            stage.run(p, ins, out, resume)
+        except BaseException:
+            if aside.exists() and not _has_progress(out):  # it made nothing: the earlier output comes back
+                _keep_newer(out, aside)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
         outputs[stage.name] = out
     return outputs
 
 
-def _resumable(out: Path, stage: Stage, cfg: Any) -> bool:
-    """A killed pretraining run with the same config continues from its last checkpoint."""
-    if stage.name != "pretrain" or read_manifest(out) is not None:
+# What the pipeline started a resumable stage with, in the stage's directory (a dotfile: no part of the
+# artifact or its hash): a run cut short continues only with the same settings and the same inputs.
+START_RECORD = ".pipeline-start.json"
+
+
+def _start_record(stage: Stage, cfg: Any, inputs: dict[str, Path]) -> dict[str, Any]:
+    return {"stage": stage.name, "config": compared_config(stage, cfg),
+            "inputs": {k: input_hash(v) for k, v in sorted(inputs.items())}}
+
+
+def _has_progress(out: Path) -> bool:
+    """Whether `out` holds something a rerun keeps or continues: an artifact, a checkpoint, a crawl journal."""
+    ckpt_root = out / "checkpoints"
+    return ((out / MANIFEST).exists() or (out / CRAWL_JOURNAL).exists()
+            or (ckpt_root.is_dir() and latest_checkpoint(ckpt_root) is not None))
+
+
+def _keep_newer(out: Path, aside: Path) -> None:
+    """Of a stage's output and the earlier one set aside, keep the new one if it made anything, else the old."""
+    if _has_progress(out):
+        shutil.rmtree(aside)
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(aside, out)
+
+
+def _resumable(out: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]) -> bool:
+    """A stage cut short (killed, or stopped by max_time) continues where it was started with the same
+    settings and the same inputs (its start record says), and, for training, from a checkpoint whose
+    settings are the same too; otherwise it starts again."""
+    if not stage.resumable(cfg) or not out.is_dir() or read_manifest(out) is not None:
         return False
-    ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").exists() else None
+    try:
+        started = json.loads((out / START_RECORD).read_text())
+    except (OSError, ValueError):
+        started = None
+    if started != _start_record(stage, cfg, inputs):
+        if _has_progress(out):
+            info(f"[{stage.name}] {out} was started with other settings or inputs: starting again")
+        return False
+    if stage.name == "crawl":
+        return True
+    ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
     if ckpt is None:
         return False
-    return checkpoint_state(ckpt).get("train_config") == to_jsonable(stage.manifest_config(cfg))
+    saved = checkpoint_state(ckpt).get("train_config")  # the reward and DPO stages record none
+    return saved is None or {k: v for k, v in saved.items() if k not in RUN_CONTROL} == started["config"]
 
 
 def run_summary(p: PipelineConfig, outputs: dict[str, Path]) -> str:

@@ -73,3 +73,41 @@ def test_compile_mode_is_checked_and_reaches_torch_compile(monkeypatch):
     with pytest.raises(NanoforgeError, match="records CUDA graphs, which FSDP"):
         parallelize(model, Dist(rank=0, world_size=2), torch.device("cpu"), parallel="fsdp", bf16=False,
                     compile=True, compile_mode="reduce-overhead")
+
+
+def test_toml_values_are_checked_against_the_type_hints(tmp_path):
+    """A value of the wrong type is one line naming the setting, not a traceback later on (or a silent 2)."""
+    from nanoforge.pipeline import load_pipeline_config
+
+    config = tmp_path / "run.toml"
+    for text, match in (("[pretrain]\nmax_steps = 2.5\n", r"\[pretrain\]: max_steps: expected an integer, got 2.5"),
+                        ("[run]\nname = [5]\n", "name: expected a string, got \\[5\\]"),
+                        ("[crawl]\nsitemaps = 3\n", "sitemaps: expected true/false, got 3"),
+                        ('[label]\ntemperatures = [1.0, "hot"]\n', "temperatures: expected a number, got 'hot'"),
+                        ("[grpo]\nreward_weights = 1\n", "reward_weights: expected a table"),
+                        ("run = 5\n", "run must be a \\[table\\]")):
+        config.write_text(text)
+        with pytest.raises(NanoforgeError, match=match):
+            load_pipeline_config(config)
+    config.write_text("[run]\nname = 5\n[pretrain]\nmax_time = 3600\nbatch_tokens = 5e5\n")
+    p = load_pipeline_config(config)  # a number where text is expected is its text; a whole float is an integer
+    assert (p.run.name, p.pretrain.max_time, p.pretrain.batch_tokens) == ("5", "3600", 500000)
+
+
+def test_set_fills_table_settings_from_key_value_pairs_and_dotted_keys():
+    from nanoforge.pipeline import load_pipeline_config
+    from nanoforge.post.tasks import get_task
+
+    p = load_pipeline_config(None, parse_sets([
+        "grpo.task_options=digits=3", "grpo.reward_weights=correct=1,format=0", "label.temperatures=0.7,1.0",
+        "clean.options.language.threshold=0.5", "clean.options.pii.emails=false"]))
+    assert p.grpo.task_options == {"digits": 3} and get_task(p.grpo.task, **p.grpo.task_options).digits == 3
+    assert p.grpo.reward_weights == {"correct": 1.0, "format": 0.0} and p.label.temperatures == [0.7, 1.0]
+    assert p.clean.options == {"language": {"threshold": 0.5}, "pii": {"emails": False}}  # over demo.toml's 0.4
+    # a dotted key changes one entry of the table and keeps the others
+    assert load_pipeline_config(None, parse_sets(["grpo.reward_weights.format=0.5"])).grpo.reward_weights == {
+        "correct": 1.0, "format": 0.5}
+    with pytest.raises(NanoforgeError, match="expected KEY=VALUE pairs"):
+        load_pipeline_config(None, parse_sets(["grpo.task_options=3"]))
+    with pytest.raises(NanoforgeError, match="lr: expected a number"):
+        load_pipeline_config(None, parse_sets(["pretrain.lr.x=1"]))

@@ -54,3 +54,32 @@ def test_tasks_without_their_inputs_are_left_out_or_refused(tmp_path, tiny_chat_
         run_eval(EvalConfig(tasks=["bpb"]), {"m": tiny_chat_model}, EvalInputs(), tmp_path / "e2")
     with pytest.raises(NanoforgeError, match="unknown task"):
         run_eval(EvalConfig(tasks=["mmlu"]), {"m": tiny_chat_model}, EvalInputs(), tmp_path / "e3")
+
+
+def test_pass_at_k_refuses_fewer_samples_than_k():
+    for n, c, k in [(2, 1, 4), (3, 0, 4), (4, 5, 2), (4, 1, 0)]:
+        with pytest.raises(ValueError, match="pass_at_k"):
+            pass_at_k(n, c, k)
+
+
+def test_bpb_is_left_out_for_a_word_tokenizer(tmp_path, tiny_corpus):
+    """Unknown words become <|unk|>, which stands for no bytes: bits per byte would leave them out of both the
+    loss and the bytes, so the eval says why it has no figure rather than give a flattering one."""
+    import torch
+
+    from nanoforge.model import GPT, ModelConfig
+    from nanoforge.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+    from nanoforge.tokens import TokenizeConfig, tokenize
+    from nanoforge.train.checkpoint import save_model_artifact
+
+    train_tokenizer(TokenizerConfig(kind="word", vocab_size=300), tiny_corpus, tmp_path / "tok")
+    tokenize(TokenizeConfig(val_fraction=0.2, workers=1), tiny_corpus, tmp_path / "tok", tmp_path / "tokens")
+    tok = Tokenizer.load(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, seq_len=32, n_layer=1, n_embd=16, n_head=2))
+    save_model_artifact(model, tmp_path / "word", tokenizer_dir=tmp_path / "tok")
+    run_eval(EvalConfig(tasks=["bpb"], eval_batches=1, batch_size=2), {"w": tmp_path / "word"},
+             EvalInputs(tokens=tmp_path / "tokens"), tmp_path / "e")
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert data["models"]["w"] == {} and "<|unk|>" in data["left_out"]["bpb of w"]
+    assert "(left out bpb of w: its word tokenizer" in eval_table(data)

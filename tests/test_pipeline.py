@@ -1,9 +1,15 @@
 import json
 
+import pytest
 from conftest import TINY_MODULES
 
+from nanoforge import pipeline
 from nanoforge.artifacts import read_manifest
+from nanoforge.data.docsite import serve_site
+from nanoforge.errors import NanoforgeError
 from nanoforge.pipeline import load_pipeline_config, run_pipeline, run_summary
+from nanoforge.train.faults import TrainingStopped
+from nanoforge.train.metrics import MetricsLog
 
 
 def _tiny_run(tmp_path, **extra):
@@ -63,3 +69,61 @@ def test_changed_config_reruns_that_stage_and_those_after_it(tmp_path, capsys):
     run_pipeline(_tiny_run(tmp_path, **{"tokenizer.vocab_size": "420", "pretrain.max_steps": "14"}))
     err = capsys.readouterr().err
     assert err.count("up to date") == 8 and "[pretrain] running" in err
+
+
+def test_a_pretrain_cut_short_resumes_only_with_the_same_inputs_and_settings(tmp_path, monkeypatch, capsys):
+    """Its checkpoint is used only where its inputs hash the same (a new tokenizer means other token ids); a
+    setting that only says how a stage runs (max_time, threads, workers) neither restarts it nor reruns a
+    finished stage."""
+    monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:8])  # site … pretrain
+    stop = {"pretrain.max_steps": "6", "pretrain.ckpt_every": "100", "pretrain.max_time": "1e-6"}
+    with pytest.raises(TrainingStopped, match="after step 1;"):
+        run_pipeline(_tiny_run(tmp_path, **stop))
+    capsys.readouterr()
+    with pytest.raises(TrainingStopped, match="after step 1;"):  # not step 2: it started again
+        run_pipeline(_tiny_run(tmp_path, **stop, **{"tokenizer.vocab_size": "420"}))
+    err = capsys.readouterr().err
+    assert "[tokens] running" in err and "[pretrain] running" in err and "with other settings or inputs" in err
+    outputs = run_pipeline(_tiny_run(tmp_path, **{**stop, "pretrain.max_time": "none", "pretrain.threads": "1",
+                                                  "clean.workers": "2", "tokenizer.vocab_size": "420"}))
+    err = capsys.readouterr().err
+    assert "[clean] up to date" in err and "[tokens] up to date" in err and "[pretrain] resuming" in err
+    m = read_manifest(outputs["pretrain"])
+    assert m["figures"]["steps"] == 6 and m["inputs"]["tokens"]["hash"] == read_manifest(outputs["tokens"])[
+        "content_hash"]
+    assert [r["step"] for r in MetricsLog.read(outputs["pretrain"] / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4,
+                                                                                                          5, 6]
+
+
+def test_a_refused_setting_leaves_the_finished_output_in_place(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:5])  # site … tokenizer
+    outputs = run_pipeline(_tiny_run(tmp_path))
+    before = {k: read_manifest(v)["content_hash"] for k, v in outputs.items()}
+    for bad, match in (({"tokenizer.vocab_size": "5"}, "vocab"), ({"crawl.timeout": "0"}, "timeout")):
+        with pytest.raises(NanoforgeError, match=match):
+            run_pipeline(_tiny_run(tmp_path, **bad))
+        assert {k: (read_manifest(v) or {}).get("content_hash") for k, v in outputs.items()} == before, bad
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [p.name for p in outputs.values()]
+
+
+def test_a_crawl_of_given_seeds_is_redone_when_its_settings_change(tmp_path, monkeypatch, capsys):
+    stages = pipeline.STAGES
+    monkeypatch.setattr(pipeline, "STAGES", stages[:1])
+    site = run_pipeline(_tiny_run(tmp_path))["site"]
+    monkeypatch.setattr(pipeline, "STAGES", stages[:2])  # site, crawl
+    with serve_site(site) as url:
+        def crawl(**extra):
+            return read_manifest(run_pipeline(_tiny_run(tmp_path, **{"crawl.seeds": url, **extra}))["crawl"])
+
+        assert crawl(**{"crawl.max_pages": "5"})["figures"]["pages"] == 5
+        m = crawl(**{"crawl.max_pages": "3"})
+        assert (m["config"]["max_pages"], m["figures"]["pages"]) == (3, 3)
+        m = crawl(**{"crawl.seeds": url + "json.html", "crawl.max_pages": "2"})  # other seeds: no refusal
+        assert m["config"]["seeds"] == [url + "json.html"] and m["figures"]["pages"] == 2
+        (tmp_path / "tiny" / "02-crawl" / "manifest.json").unlink()  # as a crawl cut short leaves it
+        capsys.readouterr()
+        crawl(**{"crawl.seeds": url + "json.html", "crawl.max_pages": "2"})
+        assert "[crawl] resuming" in capsys.readouterr().err
+        (tmp_path / "tiny" / "02-crawl" / "manifest.json").unlink()
+        assert crawl(**{"crawl.max_pages": "4"})["figures"]["pages"] == 4  # other settings: crawled afresh
+        assert "[crawl] running" in capsys.readouterr().err

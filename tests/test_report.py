@@ -65,3 +65,36 @@ def test_report_has_every_section_embeds_plots_and_escapes(tmp_path):
     # a rerun reads the same stages, not its own previous output
     report(ReportConfig(), run, run / "15-report")
     assert (run / "15-report" / "index.html").read_text().count("<h2>") == page.count("<h2>")
+
+
+def _outside_code_blocks(md):
+    """The lines of `md` a Markdown renderer reads as Markdown (and raw HTML): those outside fenced blocks,
+    which a fence of at least as many backticks closes."""
+    import re
+
+    lines, fence = [], None
+    for line in md.splitlines():
+        run = re.fullmatch(r"(`{3,})\s*", line)
+        if fence is None and run:
+            fence = run[1]
+        elif fence is not None:
+            if run and len(run[1]) >= len(fence):
+                fence = None
+        else:
+            lines.append(line)
+    return lines
+
+
+def test_markdown_report_escapes_html_and_fences_replies_that_hold_fences(tmp_path):
+    run = tmp_path / "run"
+    evil = "<img src=x onerror=alert(1)>"
+    _stage(run, "14-eval", {"note": evil})
+    (run / "14-eval" / "eval.json").write_text(json.dumps({
+        "models": {evil: {"bpb": 1.0}}, "descriptions": {"bpb": f"a | b {evil}"},
+        "samples": {"m": [{"prompt": "q", "reply": f"a\n```\n{evil}\n```\n````"}]}}))
+    report(ReportConfig(title=f"<b>{evil}</b>"), run, run / "15-report")
+    md = (run / "15-report" / "report.md").read_text()
+    outside = _outside_code_blocks(md)
+    assert not [line for line in outside if "<" in line or ">" in line]
+    assert f"| {evil.replace('<', '&lt;').replace('>', '&gt;')} | 1 |" in outside
+    assert "`````" in md and md.count(evil) == 1  # the reply, whole, inside a fence longer than its own

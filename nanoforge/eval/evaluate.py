@@ -7,7 +7,8 @@
 Tasks (a task whose input is not given is left out, and the table says so):
 
 - `bpb`: bits per byte of held-out corpus text (the tokens artifact's val split): compares across
-  tokenizers and measures how well the model still models the corpus after post-training.
+  tokenizers and measures how well the model still models the corpus after post-training. Left out (and
+  said so in `left_out`) for a model with a `word` tokenizer, whose unknown words carry no bytes.
 - `doc_qa`: the documentation questions of the instruction data's held-out split (functions the SFT
   data never mentions), greedy reply vs reference: SQuAD token F1 and exact match.
 - `identity`: the held-out "who are you" paraphrases, same scoring.
@@ -22,6 +23,7 @@ The result (`eval.json`) is {"models": {name: {metric: value}}, "samples": {name
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -96,6 +98,22 @@ def runnable(cfg: EvalConfig, inputs: EvalInputs) -> tuple[list[str], dict[str, 
     return ok, missing
 
 
+def bpb_refused(model_dir: Path) -> str | None:
+    """Why bits per byte cannot be measured for the model in `model_dir`, or None when it can.
+
+    A `word` tokenizer maps every word outside its vocabulary to <|unk|>, which stands for no bytes: those
+    words would drop out of both the loss and the byte count, and the figure would flatter the model by
+    however much of the text is unknown words. It is left out rather than reported for the known words only,
+    as it would not compare with the other models' figures in the same column."""
+    try:
+        kind = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("model", {}).get("type")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the model reports a missing or damaged tokenizer
+    if kind == "WordLevel":
+        return "its word tokenizer maps unknown words to <|unk|>, which stands for no bytes"
+    return None
+
+
 def bits_per_byte(model: GPT, tok: Tokenizer, tokens: Path, cfg: EvalConfig) -> float:
     from nanoforge.tokens import TokenLoader
     from nanoforge.train.loop import evaluate
@@ -117,7 +135,10 @@ def _val_chats(instruct: Path, subsets: tuple[str, ...], limit: int) -> list[dic
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021)."""
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021). Needs n >= k: from fewer
+    samples than k the estimator is undefined (it is not 1)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
@@ -189,7 +210,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, inputs: EvalInputs) -> tupl
     metrics: dict[str, float] = {}
     samples: list[dict] = []
     with torch.no_grad():
-        if "bpb" in tasks:
+        if "bpb" in tasks and bpb_refused(model_dir) is None:
             metrics["bpb"] = bits_per_byte(model, tok, Path(inputs.tokens), cfg)
         for task, subsets in (("doc_qa", ("doc_",)), ("identity", ("identity",))):
             if task in tasks:
@@ -226,6 +247,10 @@ def run_eval(cfg: EvalConfig, models: dict[str, Path], inputs: EvalInputs, out: 
     results, samples = {}, {}
     for name, d in models.items():
         info(f"eval: {name} ({d}) on {', '.join(tasks)}")
+        why = bpb_refused(Path(d)) if "bpb" in tasks else None
+        if why is not None:
+            missing[f"bpb of {name}"] = why
+            info(f"eval: leaving out bpb of {name} ({why})")
         results[name], samples[name] = evaluate_model(cfg, Path(d), inputs)
     data = {"models": results, "samples": samples, "tasks": tasks, "left_out": missing,
             "descriptions": DESCRIPTIONS}

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,22 +253,37 @@ def render_html(title: str, sections: list[Section]) -> str:
     return "\n".join(parts)
 
 
+def _md_text(v: Any) -> str:
+    """Text from a run on one line of Markdown: Markdown renders raw HTML, so `<`, `>` and `&` are escaped
+    (a reply `<img src=x onerror=…>` stays text)."""
+    return html.escape(str(v), quote=False).replace("\n", " ")
+
+
 def _md_cell(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return _md_text(v).replace("|", "\\|")
+
+
+def _md_fenced(text: str) -> list[str]:
+    """`text` as a code block, shown as written: its fence is longer than any run of backticks in it, so that
+    a reply holding ``` cannot close the block and put the rest of it into the page as Markdown (and HTML)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
 
 
 def render_markdown(title: str, sections: list[Section], image_names: list[list[str]]) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {_md_text(title)}", ""]
     for s, names in zip(sections, image_names, strict=True):
-        lines += [f"## {s.title}", ""]
+        lines += [f"## {_md_text(s.title)}", ""]
         for p in s.paragraphs:
-            lines += (["```", p, "```"] if "\n" in p else [p]) + [""]
+            lines += (_md_fenced(p) if "\n" in p else [_md_text(p)]) + [""]
         for header, rows in s.tables:
             lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
             lines.append("|" + "---|" * len(header))
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             lines.append("")
-        lines += [f"![{caption}]({name})\n" for (caption, _), name in zip(s.plots, names, strict=True)]
+        lines += [f"![{_md_text(caption).replace('[', '(').replace(']', ')')}]({name})\n"
+                  for (caption, _), name in zip(s.plots, names, strict=True)]
     return "\n".join(lines)
 
 
