@@ -405,6 +405,13 @@ class Tokenizer:
             raise NanoforgeError(f"unknown special token {name!r} (known: {', '.join(SPECIAL_TOKENS)})")
         return SPECIAL_TOKENS.index(token)
 
+    @property
+    def bytes_exact(self) -> bool:
+        """Whether the tokens of a text stand for all its bytes (`token_bytes` sums to its length): not for a
+        `word` tokenizer, whose <|unk|> stands for any word outside the vocabulary and for no bytes, so bits
+        per byte would silently leave those words out."""
+        return not isinstance(self._hf.model, models.WordLevel)
+
     def token_bytes(self) -> np.ndarray:
         """(vocab_size,) int64: the number of text bytes each id stands for, 0 for special tokens.
 

@@ -78,6 +78,18 @@ def test_a_tokenizer_other_than_the_shards_is_refused(tiny_corpus, tiny_tokenize
     pretrain(tiny_pretrain_config(max_steps=2), tiny_tokens, tmp_path / "c", tokenizer=tiny_tokenizer)  # its own
 
 
+def test_a_word_tokenizer_gets_no_bits_per_byte(tiny_corpus, tmp_path):
+    """Its <|unk|> stands for no bytes: unknown words would drop out of the figure, which would flatter it."""
+    from nanoforge.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+    from nanoforge.tokens import TokenizeConfig, tokenize
+
+    train_tokenizer(TokenizerConfig(kind="word", vocab_size=300), tiny_corpus, tmp_path / "tok")
+    assert not Tokenizer.load(tmp_path / "tok").bytes_exact
+    tokenize(TokenizeConfig(val_fraction=0.2, workers=1), tiny_corpus, tmp_path / "tok", tmp_path / "tokens")
+    f = pretrain(tiny_pretrain_config(max_steps=2, eval_every=2), tmp_path / "tokens", tmp_path / "model")["figures"]
+    assert f["val_loss"] > 0 and "val_bpb" not in f
+
+
 @pytest.mark.parametrize("setting", ["ckpt_every=0", "eval_every=0", "grad_clip=0", "sample_every=-1"])
 def test_settings_that_would_break_the_run_are_refused_up_front(setting):
     name, value = setting.split("=")

@@ -23,7 +23,6 @@ The result (`eval.json`) is {"models": {name: {metric: value}}, "samples": {name
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -106,12 +105,10 @@ def bpb_refused(model_dir: Path) -> str | None:
     however much of the text is unknown words. It is left out rather than reported for the known words only,
     as it would not compare with the other models' figures in the same column."""
     try:
-        kind = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("model", {}).get("type")
-    except (OSError, ValueError, AttributeError):
+        tok = Tokenizer.load(model_dir)
+    except NanoforgeError:
         return None  # loading the model reports a missing or damaged tokenizer
-    if kind == "WordLevel":
-        return "its word tokenizer maps unknown words to <|unk|>, which stands for no bytes"
-    return None
+    return None if tok.bytes_exact else "its word tokenizer maps unknown words to <|unk|>, which stands for no bytes"
 
 
 def bits_per_byte(model: GPT, tok: Tokenizer, tokens: Path, cfg: EvalConfig) -> float:

@@ -105,10 +105,11 @@ def unigram_entropy(data: Path, vocab_size: int, dtype: np.dtype, max_tokens: in
 
 
 @torch.no_grad()
-def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, device: torch.device,
+def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor | None, device: torch.device,
              dtype: str, max_batches: int, d: Dist | None = None) -> dict[str, float]:
     """Mean val loss (nats/token) and bits per byte of UTF-8 text over the split's first `max_batches`
-    batches, shared out over the ranks (the same figures at any world size)."""
+    batches, shared out over the ranks (the same figures at any world size). Without `token_bytes` (a
+    tokenizer that is not `bytes_exact`) only the loss."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, text loss, tokens, bytes
@@ -117,7 +118,7 @@ def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, device:
         with autocast(device, dtype):
             losses = model(x, y, reduction="none").float()  # (B, T), 0 where the target is ignored
         counted = y != -100  # (B, T) False on the padding rows of the last batch
-        nbytes = token_bytes[y.clamp_min(0)] * counted  # (B, T) UTF-8 bytes each target stands for
+        nbytes = (token_bytes[y.clamp_min(0)] if token_bytes is not None else torch.zeros_like(y)) * counted
         # bits per byte counts only tokens that stand for text, so it compares across tokenizers
         sums += torch.stack([losses.sum(), (losses * (nbytes > 0)).sum(), counted.sum(), nbytes.sum()]).double()
     all_reduce_sum(sums, d or Dist())
@@ -125,6 +126,8 @@ def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, device:
     loss_sum, text_loss_sum, n_tokens, n_bytes = sums.tolist()
     if n_tokens == 0:
         return {}
+    if token_bytes is None:
+        return {"val_loss": loss_sum / n_tokens}
     return {"val_loss": loss_sum / n_tokens, "val_bpb": text_loss_sum / (math.log(2) * max(1, n_bytes))}
 
 
@@ -215,9 +218,11 @@ def _pretrain(cfg: PretrainConfig, data: Path, out: Path, resume: bool, tokenize
         out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt is not None else None)
 
-    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
-    token_bytes = torch.cat([token_bytes, torch.zeros(mcfg.vocab_size - len(token_bytes), dtype=torch.int64)])
-    token_bytes = token_bytes.to(device)
+    token_bytes: torch.Tensor | None = None  # (vocab,) bytes per id; none where bits per byte cannot be told
+    if tok.bytes_exact:
+        token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
+        token_bytes = torch.cat([token_bytes, torch.zeros(mcfg.vocab_size - len(token_bytes), dtype=torch.int64)])
+        token_bytes = token_bytes.to(device)
     use_tf32(device)
     peak = peak_flops(device, DTYPES[dtype]) * d.world_size
     entropy = unigram_entropy(data, tok.vocab_size, shards.dtype) if d.main else float("nan")
