@@ -33,6 +33,7 @@ from nanoforge.data.sources import CRAWL_JOURNAL
 from nanoforge.data.stats import StatsConfig, corpus_stats
 from nanoforge.errors import NanoforgeError
 from nanoforge.eval.evaluate import EvalConfig, EvalInputs, run_eval
+from nanoforge.eval.evaluate import check_config as check_eval_config
 from nanoforge.eval.report import ReportConfig, report
 from nanoforge.feedback.label import LabelConfig, collect_preferences
 from nanoforge.infer.sample import SampleConfig
@@ -105,7 +106,13 @@ def load_pipeline_config(path: Path | str | None = None, overrides: dict[str, st
         raw.setdefault(section, {})[name] = value
     raw.setdefault("crawl", {}).setdefault("seeds", [])  # no seeds: crawl the embedded docs site
     where = str(path or "demo config")
-    return PipelineConfig(**{s: build(cls, raw.get(s, {}), f"{where} [{s}]") for s, cls in SECTIONS.items()})
+    p = PipelineConfig(**{s: build(cls, raw.get(s, {}), f"{where} [{s}]") for s, cls in SECTIONS.items()})
+    # what the later stages check only when they start, checked now: a mistake in [eval] must not surface
+    # after pretraining and post-training have run
+    resolve_pretrain(p.pretrain)
+    resolve_grpo(p.grpo)
+    check_eval_config(p.eval)
+    return p
 
 
 def demo_config_raw() -> dict[str, Any]:

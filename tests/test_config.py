@@ -111,3 +111,15 @@ def test_set_fills_table_settings_from_key_value_pairs_and_dotted_keys():
         load_pipeline_config(None, parse_sets(["grpo.task_options=3"]))
     with pytest.raises(NanoforgeError, match="lr: expected a number"):
         load_pipeline_config(None, parse_sets(["pretrain.lr.x=1"]))
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("eval.tasks=arithmetic,bogus", "unknown task"), ("eval.pass_k=0", "must be positive"),
+    ("pretrain.ckpt_every=0", "ckpt_every >= 1"), ("grpo.scale_rewards=sometimes", "scale_rewards")])
+def test_a_run_config_is_checked_whole_before_any_stage_runs(setting, message):
+    """A mistake in a late stage's settings is an error when the config is read, not after the early
+    stages have trained for minutes."""
+    from nanoforge.pipeline import load_pipeline_config
+
+    with pytest.raises(NanoforgeError, match=message):
+        load_pipeline_config(None, parse_sets([setting]))

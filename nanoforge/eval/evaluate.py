@@ -75,7 +75,8 @@ class EvalInputs:
     reference: Path | None = None
 
 
-def _check(cfg: EvalConfig) -> None:
+def check_config(cfg: EvalConfig) -> None:
+    """Refuse unknown tasks and non-positive counts (also called when a run config is read)."""
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise NanoforgeError(f"eval: unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
@@ -199,7 +200,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, inputs: EvalInputs) -> tupl
     from nanoforge.post.instruct import evaluate_answers
     from nanoforge.train.checkpoint import load_model_artifact
 
-    _check(cfg)
+    check_config(cfg)
     tasks, _ = runnable(cfg, inputs)
     model = load_model_artifact(model_dir, cfg.device)
     model.eval()
@@ -231,7 +232,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, inputs: EvalInputs) -> tupl
 
 def run_eval(cfg: EvalConfig, models: dict[str, Path], inputs: EvalInputs, out: Path) -> dict[str, Any]:
     """Evaluate every model of `models` (name → model dir); write `eval.json` and the manifest into `out`."""
-    _check(cfg)
+    check_config(cfg)
     if not models:
         raise NanoforgeError("eval: no model given (--model DIR, or NAME=DIR, repeatable)")
     tasks, missing = runnable(cfg, inputs)
