@@ -94,6 +94,27 @@ def test_reply_streams_into_the_page_and_the_conversation_is_kept(cm: ChatModel,
     assert page.dialogs == []
 
 
+def test_a_conversation_past_the_context_drops_its_oldest_turns(cm: ChatModel, page: Page) -> None:
+    """The server refuses a prompt longer than the context (400 context_length_exceeded); the page then drops
+    the oldest turns and asks again, as the terminal chat does, and greys the dropped ones."""
+    first_reply = "The first reply is long enough to fill a good part of the small model's context window."
+    question = "And now a second question, also long enough that both turns do not fit together?"
+    scripted = ScriptedModel(cm, [first_reply, "Short."])
+    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first_reply},
+             {"role": "user", "content": question}]
+    assert len(cm.tok.render_prompt(turns)) >= cm.seq_len > len(cm.tok.render_prompt(turns[2:])) + 8
+    with run_server(create_app(scripted)) as url:
+        page.goto(url)
+        say(page, "Hello")
+        page.fill("#input", question)
+        page.press("#input", "Enter")
+        wait_idle(page)
+    assert page.locator("#status").text_content() == "(dropped the oldest 2 messages: the model's context is full)"
+    assert page.locator(".msg.dropped .text").all_text_contents() == ["Hello", first_reply]
+    assert page.locator(".msg:not(.dropped) .text").all_text_contents() == [question, "Short."]
+    assert scripted.prompts[1] == cm.tok.render_prompt(turns[2:])  # only the turn that fits was sent
+
+
 def test_markup_written_by_the_model_shows_as_text(cm: ChatModel, page: Page) -> None:
     scripted = ScriptedModel(cm, [MARKUP])
     with run_server(create_app(scripted)) as url:

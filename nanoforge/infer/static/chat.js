@@ -1,11 +1,13 @@
 // The web chat of `nanoforge serve` (nanoforge/infer/server.py). It keeps the conversation in memory,
 // sends it whole to /v1/chat/completions with `stream: true`, and reads the Server-Sent Events through
 // fetch + ReadableStream. Every text (the model's, the user's, error messages) is set with textContent,
-// never as HTML: whatever the model writes, `<script>` included, shows as text.
+// never as HTML: whatever the model writes, `<script>` included, shows as text. A conversation grown past
+// the model's context loses its oldest turns, as the terminal chat's does; they stay on screen, greyed.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const conversation = []; // {role, content} of every finished turn
+const conversation = []; // {role, content} of every turn still sent
+const boxes = []; // the message element of each turn in `conversation`
 let modelId = null;
 let controller = null; // aborts the reply being streamed
 
@@ -35,19 +37,20 @@ function addMessage(role, text) {
   return box;
 }
 
-async function errorMessage(resp) {
+// {message, code} of a failed response: the server's OpenAI-shaped error, or the status line.
+async function errorOf(resp) {
   try {
     const body = await resp.json();
-    if (body.error && body.error.message) return body.error.message;
+    if (body.error && body.error.message) return body.error;
   } catch (_) {
     // not JSON: fall back to the status line
   }
-  return `${resp.status} ${resp.statusText}`;
+  return { message: `${resp.status} ${resp.statusText}`, code: null };
 }
 
 async function loadModel() {
   const resp = await fetch("/v1/models", { headers: headers() });
-  if (!resp.ok) throw new Error(await errorMessage(resp));
+  if (!resp.ok) throw new Error((await errorOf(resp)).message);
   const card = (await resp.json()).data[0];
   modelId = card.id;
   $("model").textContent = `${card.id} · context ${card.max_model_len} tokens`;
@@ -96,6 +99,28 @@ function busy(on) {
   document.body.dataset.state = on ? "streaming" : "idle";
 }
 
+// The streaming response to the conversation. While the server says it exceeds the context, the oldest
+// turns are dropped (up to the next user message) and it is asked again; the newest message alone must fit.
+async function post(signal) {
+  let dropped = 0;
+  for (;;) {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(request()), signal,
+    });
+    if (resp.ok) {
+      if (dropped) setStatus(`(dropped the oldest ${dropped} messages: the model's context is full)`);
+      return resp;
+    }
+    const error = await errorOf(resp);
+    if (error.code !== "context_length_exceeded" || conversation.length <= 1) throw new Error(error.message);
+    do {
+      conversation.shift();
+      boxes.shift().classList.add("dropped");
+      dropped += 1;
+    } while (conversation.length > 1 && conversation[0].role !== "user");
+  }
+}
+
 async function send(text) {
   setStatus("");
   busy(true);
@@ -109,11 +134,9 @@ async function send(text) {
   try {
     if (!modelId) await loadModel();
     conversation.push({ role: "user", content: text });
+    boxes.push(box);
     sent = true;
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(request()), signal: controller.signal,
-    });
-    if (!resp.ok) throw new Error(await errorMessage(resp));
+    const resp = await post(controller.signal);
     for await (const chunk of events(resp.body)) {
       if (chunk.error) throw new Error(chunk.error.message);
       const delta = chunk.choices.length ? chunk.choices[0].delta.content : undefined;
@@ -131,8 +154,12 @@ async function send(text) {
   } finally {
     if (written) {
       conversation.push({ role: "assistant", content: written });
+      boxes.push(reply);
     } else { // nothing to keep: forget the turn, so the message can be sent again
-      if (sent) conversation.pop();
+      if (sent) {
+        conversation.pop();
+        boxes.pop();
+      }
       reply.remove();
     }
     reply.classList.remove("streaming");
@@ -162,6 +189,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("reset").addEventListener("click", () => {
     if (controller) controller.abort();
     conversation.length = 0;
+    boxes.length = 0;
     $("log").replaceChildren();
     setStatus("");
   });
