@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_peft_loads_our_adapter_and_we_load_peft_s(tmp_path):
     from nanoforge.post.lora import save_adapter
     save_adapter(tmp_path / "ours", LoRAConfig(rank=4, alpha=16), sorted(lora_layers(ours)),
                  dict(ours.named_parameters()), tmp_path / "base")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # adapter_config.json holds PEFT's fields only: PEFT has nothing to say
         peft_model = PeftModel.from_pretrained(_model(), str(tmp_path / "ours")).eval()
         base_logits, want = _model()(x), ours(x)
         assert (want - base_logits).abs().max() > 1e-2
@@ -256,6 +258,6 @@ def test_int8_base_trains_adapters_on_a_quarter_of_the_weight_memory(lora_run, t
     rows, dense_rows = MetricsLog.read(out / "metrics.jsonl"), MetricsLog.read(adapter / "metrics.jsonl")
     assert m["figures"]["dtype"] == "fp32" and rows[-1]["loss"] < rows[0]["loss"] - 0.1
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in dense_rows], abs=0.02)
-    assert json.loads((out / "adapter_config.json").read_text())["base_quantization"] == "int8"
+    assert json.loads((out / "manifest.json").read_text())["config"]["lora_quantize"] == "int8"
     merged = merge(base, out, tmp_path / "merged")  # into the full-precision base, as QLoRA does
     assert merged["figures"]["adapted_layers"] == 8

@@ -12,8 +12,9 @@ the base model's state-dict names, checkpoints and optimizer groups do not chang
 
 The adapter directory is PEFT's: `adapter_model.safetensors` (`base_model.model.<layer>.lora_A.weight`
 (r, in) and `….lora_B.weight` (out, r)) and `adapter_config.json` (`peft_type` LORA, `r`, `lora_alpha`,
-`target_modules`, `base_model_name_or_path`, plus the base model's content hash: `merge` refuses another
-base). `PeftModel.from_pretrained(gpt, adapter_dir)` puts it on our `GPT` module, and an adapter that PEFT
+`target_modules`, `base_model_name_or_path`; nothing PEFT does not know, so it loads without a warning).
+The base model's content hash is in the adapter's `manifest.json`, with the run's settings: `merge` refuses
+another base. `PeftModel.from_pretrained(gpt, adapter_dir)` puts it on our `GPT` module, and an adapter that PEFT
 saved for a `GPT` loads here (`load_adapter`; keys without the prefix, as nanoforge wrote them before, too).
 
 Quantized base (QLoRA-style): `--lora-quantize int8` stores the frozen linear weights of the blocks in
@@ -45,6 +46,7 @@ from nanoforge.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     input_hash,
+    read_manifest,
     write_manifest,
 )
 from nanoforge.errors import NanoforgeError
@@ -190,7 +192,6 @@ def save_adapter(out: Path, cfg: LoRAConfig, layers: list[str], params: dict[str
     atomic_write_json(out / ADAPTER_CONFIG, {
         "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
         "target_modules": sorted(layers), "base_model_name_or_path": str(base_dir),
-        "base_model_hash": input_hash(base_dir), "base_quantization": cfg.quantize,
     })
 
 
@@ -266,7 +267,10 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> dict[str, Any]:
     """The `merge` stage: base model + adapter → a plain model artifact (usable by chat, serve, sft …)."""
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out)
     raw = read_adapter_config(adapter_dir)
-    recorded = raw.get("base_model_hash")
+    # the base the adapter was trained on: its hash as the sft stage's manifest records its input (as
+    # adapter_config.json did before nanoforge kept that file to PEFT's fields)
+    recorded = ((read_manifest(adapter_dir) or {}).get("inputs", {}).get("model", {}).get("hash")
+                or raw.get("base_model_hash"))
     if recorded and recorded != input_hash(model_dir):
         raise NanoforgeError(f"{adapter_dir}: this adapter was trained on another base model "
                              f"({raw.get('base_model_name_or_path', raw.get('base_model'))}), not {model_dir}")
