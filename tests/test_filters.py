@@ -53,11 +53,19 @@ def test_gopher_word_count_bounds():
 
 def test_gopher_mean_word_length():
     f = GopherQualityFilter()
-    assert f.keep(doc(" ".join(["the"] * 100))) == (True, None)  # mean exactly 3.0
-    assert f.keep(doc(" ".join(["the"] * 99 + ["a1"]))) == (False, "gopher_below_avg_word_length")
+    assert f.keep(doc(" ".join(["the", "and"] * 50))) == (True, None)  # mean exactly 3.0
+    assert f.keep(doc(" ".join(["the", "and"] * 49 + ["the", "a1"]))) == (False, "gopher_below_avg_word_length")
     long10 = rand_words(47, length=10)
-    assert f.keep(doc(" ".join(["the", "the", *long10, "x" * 24]))) == (True, None)  # 500 / 50 = 10.0
-    assert f.keep(doc(" ".join(["the", "the", *long10, "x" * 25]))) == (False, "gopher_above_avg_word_length")
+    assert f.keep(doc(" ".join(["the", "and", *long10, "x" * 24]))) == (True, None)  # 500 / 50 = 10.0
+    assert f.keep(doc(" ".join(["the", "and", *long10, "x" * 25]))) == (False, "gopher_above_avg_word_length")
+
+
+def test_gopher_stop_words_are_counted_once_each():
+    """The paper asks for "at least two of the following words": "the" ten times is one of them."""
+    f = GopherQualityFilter()
+    words = rand_words(60, length=5)
+    assert f.keep(doc(" ".join([*words, *["the"] * 10]))) == (False, "gopher_enough_stop_words")
+    assert f.keep(doc(" ".join([*words, "The", "and."]))) == (True, None)  # any case, punctuation stripped
 
 
 @pytest.mark.parametrize("mark,reason", [("#", "gopher_too_many_hashes"), ("...", "gopher_too_many_ellipsis")])
@@ -154,7 +162,15 @@ def test_c4_line_rules_and_sentences():
     assert f.process(doc("\n".join(body)))[0].text == "\n".join(body)  # unchanged document is returned as is
     assert f.process(doc("\n".join(body[:4]) + "\nshort one"))[1] == "too_few_sentences"
     assert f.process(doc("\n".join(body) + "\nLorem ipsum dolor sit amet."))[1] == "lorem_ipsum"
-    assert f.process(doc("\n".join(body) + "\nfunction f() { return 1; }"))[1] == "curly_bracket"
+    assert f.process(doc("\n".join(body) + "\nThe set {1, 2} has two elements."))[1] == "curly_bracket"
+    # as C4 was built (TFDS clean_page): the document checks look at the kept lines, so code lines that the
+    # line rules dropped do not drop the page, and a lorem ipsum line without a full stop neither
+    code = ["function f() {", "  return 1;", "}", "Lorem ipsum dolor sit amet"]
+    assert f.process(doc("\n".join([*body, *code])))[0].text == "\n".join(body)
+    # every kept line is at least one sentence (TFDS counts sentences line by line): a line ending in a quote
+    quoted = [f"Then the number {i} of them went 'home'" for i in range(5)]
+    assert f.process(doc("\n".join(quoted)))[1] is None
+    assert f.process(doc("\n".join(quoted[:4])))[1] == "too_few_sentences"
 
 
 # ------------------------------------------------------------------------------------------- FineWeb
@@ -193,8 +209,11 @@ def test_fineweb_duplicate_chars_and_list_ratio():
     assert f.keep(doc("\n".join([*lines, dup, dup]))) == (True, None)
     dup = "z" * (chars // 100 + 10) + "."
     assert f.keep(doc("\n".join([*lines, dup, dup]))) == (False, "char_dup_ratio")
-    long3 = [" ".join(rand_words(3, seed=i, length=12)) + "." for i in range(50)]  # 0.33 newlines per word
-    assert f.keep(doc("\n".join(long3))) == (False, "list_ratio")
+    # words as a word tokenizer counts them, the full stop one too: 3 per line, 0.33 newlines per word
+    long2 = [" ".join(rand_words(2, seed=i, length=16)) + "." for i in range(50)]
+    assert f.keep(doc("\n".join(long2))) == (False, "list_ratio")
+    long3 = [" ".join(rand_words(3, seed=i, length=12)) + "." for i in range(50)]  # 4 per line: 0.245
+    assert f.keep(doc("\n".join(long3))) == (True, None)
     long4 = [" ".join(rand_words(4, seed=i, length=12)) + "." for i in range(50)]  # 0.245
     assert f.keep(doc("\n".join(long4))) == (True, None)
 

@@ -82,7 +82,8 @@ REMOVED_COLUMNS = ("step", "reason", "duplicate_of")
 
 @dataclass
 class CleanConfig:
-    """The chain of steps and their settings; `c4` is off by default (its curly-brace rule drops code)."""
+    """The chain of steps and their settings; `c4` is off by default (it rewrites pages down to
+    their lines that end in punctuation, which strips code)."""
 
     steps: list[str] = field(default_factory=lambda: [
         "language", "gopher_repetition", "gopher_quality", "fineweb", "harmful", "pii", "exact_dedup", "near_dedup"])

@@ -145,8 +145,12 @@ GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 @dataclass
 class GopherQualityFilter(Filter):
     """The MassiveText quality rules of Rae et al. 2021 ("Scaling Language Models: Methods, Analysis &
-    Insights from Training Gopher", appendix A.1.1); the defaults are the paper's thresholds, as in
-    datatrove's `GopherQualityFilter`.
+    Insights from Training Gopher", appendix A.1.1) at the paper's thresholds, which are datatrove's
+    `GopherQualityFilter` defaults. The definitions follow the paper where datatrove's differ (compared on
+    datatrove 0.10.1): words are split on whitespace (datatrove's spaCy tokens make every comma a
+    non-alphabetic "word", so its 80%-alphabetic rule drops most technical prose), blank lines do not count
+    among the lines, bullets include `*`, `●`, `–`, and a stop word counts once however often it occurs
+    (the paper asks for "at least two of the following words"), in any case.
 
     Texts longer than `max_chars` are dropped as `gopher_too_long`: with words of at most 10 characters
     on average, 2 M characters hold more than 100 000 words, so the paper's rules would drop them anyway.
@@ -194,7 +198,7 @@ class GopherQualityFilter(Filter):
         if sum(any(c.isalpha() for c in w) for w in words) / len(words) < self.min_alpha_words_ratio:
             return False, "gopher_below_alpha_threshold"
         stop = set(self.stop_words)
-        if sum(w.lower().strip(string.punctuation) in stop for w in words) < self.min_stop_words:
+        if len({w.lower().strip(string.punctuation) for w in words} & stop) < self.min_stop_words:
             return False, "gopher_enough_stop_words"
         return True, None
 
@@ -228,7 +232,12 @@ def _dup_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> floa
 
 @dataclass
 class GopherRepetitionFilter(Filter):
-    """Repetition rules of Rae et al. 2021 (table A1); defaults are the paper's, as in datatrove.
+    """Repetition rules of Rae et al. 2021 (table A1) at the paper's thresholds (datatrove's defaults). The
+    definitions are the paper's and RedPajama-v2's, not datatrove's (compared on 0.10.1): a duplicated
+    n-gram's characters count in every occurrence, the first included, over the characters of the words;
+    lines and paragraphs are stripped and blank ones left out; words are split on whitespace. datatrove
+    counts only later occurrences, over the whole text's length, joins an n-gram's words without spaces (so
+    "ab c" equals "a bc") and counts whitespace-only lines as duplicates: more lenient on real repetition.
 
     Only the first `max_chars` characters are analysed (the n-gram statistics cost memory per word), so
     a 100 MB document is judged on its first 300 000 characters.
@@ -277,18 +286,21 @@ C4_POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses
                         "use cookies")
 _CITATION = re.compile(r"\[\d+\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?:\s+|$)")
+_WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]+")  # words and punctuation runs, as word tokenizers split them
 
 
 @dataclass
 class C4Filter(Step):
-    """The C4 cleaning rules of Raffel et al. 2020 (§2.2), with datatrove's `C4QualityFilter` defaults.
+    """The C4 cleaning rules of Raffel et al. 2020 (§2.2), as TFDS's `c4_utils.clean_page` (which built C4)
+    and datatrove's `C4QualityFilter` apply them, with their defaults.
 
     Line level (modifies the text): lines are kept only if they end in terminal punctuation (not an
     ellipsis), have at least `min_words_per_line` words, no word over `max_word_length` characters, do
     not mention "javascript" and are not cookie/policy notices; Wikipedia-style citations `[1]` are
-    removed. Document level (drops): "lorem ipsum" or a curly bracket anywhere (as in the paper), or
-    fewer than `min_sentences` sentences left (counted by a punctuation splitter, where datatrove uses
-    NLTK's). Documents over `max_chars` are dropped as `c4_too_long` rather than rewritten line by line.
+    removed first. Document level (drops), on the lines kept: "lorem ipsum" or a `{` (a page whose code
+    lines were all dropped is prose again), or fewer than `min_sentences` sentences, each kept line being
+    at least one (counted by a punctuation splitter, where datatrove uses spaCy's sentencizer). Documents
+    over `max_chars` are dropped as `c4_too_long` rather than rewritten line by line.
     """
 
     name: ClassVar[str] = "c4"
@@ -306,13 +318,8 @@ class C4Filter(Step):
         text = doc.text
         if len(text) > self.max_chars:
             return None, "c4_too_long"
-        lower = text.lower()
-        if self.filter_lorem_ipsum and "lorem ipsum" in lower:
-            return None, "lorem_ipsum"
-        if self.filter_curly_bracket and ("{" in text or "}" in text):
-            return None, "curly_bracket"
         kept = []
-        for line in text.split("\n"):
+        for line in text.splitlines():
             line = line.strip()
             if self.remove_citations:
                 line = _CITATION.sub("", line).strip()
@@ -328,7 +335,11 @@ class C4Filter(Step):
                 continue
             kept.append(line)
         out = "\n".join(kept)
-        if len(_SENTENCE_END.findall(out)) < self.min_sentences:
+        if self.filter_lorem_ipsum and "lorem ipsum" in out.lower():
+            return None, "lorem_ipsum"
+        if self.filter_curly_bracket and "{" in out:
+            return None, "curly_bracket"
+        if sum(max(1, len(_SENTENCE_END.findall(line))) for line in kept) < self.min_sentences:
             return None, "too_few_sentences"
         return (doc if out == text else dataclasses.replace(doc, text=out)), None
 
@@ -338,8 +349,11 @@ class C4Filter(Step):
 
 @dataclass
 class FineWebQualityFilter(Filter):
-    """The FineWeb rules of Penedo et al. 2024 ("The FineWeb Datasets", §3.4); defaults as published
-    and in datatrove's `FineWebQualityFilter`. Only the first `max_chars` characters are analysed."""
+    """The FineWeb rules of Penedo et al. 2024 ("The FineWeb Datasets", §3.4) at the published thresholds,
+    with the line ends of the code that built FineWeb (`. ! ? " '`; later datatrove releases use a wider
+    set without quotes). Lines are stripped and blank ones left out. Words for the newline ratio are
+    `_WORD_OR_PUNCT` tokens, punctuation runs included, as the tokenizer the 0.3 threshold was tuned with
+    counts them. Only the first `max_chars` characters are analysed."""
 
     name: ClassVar[str] = "fineweb_quality"
     min_line_punct_ratio: float = 0.12  # fraction of lines ending in . ! ? " ' (TERMINAL_PUNCTUATION)
@@ -361,7 +375,7 @@ class FineWebQualityFilter(Filter):
         _, dup_chars = _duplicates(lines)
         if dup_chars / max(1, len(text) - text.count("\n")) > self.max_dup_line_char_ratio:
             return False, "char_dup_ratio"
-        n_words = len(text.split())
+        n_words = len(_WORD_OR_PUNCT.findall(text))
         if text.count("\n") / max(1, n_words) > self.max_newline_word_ratio:
             return False, "list_ratio"
         return True, None
