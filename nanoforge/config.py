@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import sys
 import types
 from dataclasses import dataclass, field, fields
@@ -240,18 +239,13 @@ def load_toml(path: Path | str) -> dict[str, Any]:
         raise NanoforgeError(f"{path}: cannot read the config file ({e.strerror or e})") from None
 
 
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
 def _scalar(text: str) -> Any:
     """A command-line value whose type no annotation gives (a `dict[str, Any]` entry): a number or true/false
-    where it looks like one, else the text."""
+    where it reads as one, else the text."""
     text = text.strip()
-    if _INT.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
+    number = _number(text)
+    if number is not None:
+        return number
     return {"true": True, "false": False}.get(text.lower(), text)
 
 

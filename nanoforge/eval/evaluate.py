@@ -208,7 +208,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, inputs: EvalInputs) -> tupl
     metrics: dict[str, float] = {}
     samples: list[dict] = []
     with torch.no_grad():
-        if "bpb" in tasks and bpb_refused(model_dir) is None:
+        if "bpb" in tasks and tok.bytes_exact:  # else left out, as run_eval notes (`bpb_refused`)
             metrics["bpb"] = bits_per_byte(model, tok, Path(inputs.tokens), cfg)
         for task, subsets in (("doc_qa", ("doc_",)), ("identity", ("identity",))):
             if task in tasks:
